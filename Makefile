@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine:
+#   make book   set up .venv and build the HTML book into _build/html
+#   make test   set up .venv and run every check (what CI runs)
+# Others: make lab (JupyterLab for the exercises), make notebooks (re-execute and
+# re-generate after editing a chapter), make exercises (regenerate exercises/ only).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup book test lab notebooks exercises clean
+
+setup: $(STAMP)
+
+# Re-install whenever the pins or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Outputs come from the committed notebooks (execution is off in _config.yml);
+# warnings are errors, so a broken reference or citation fails the build.
+book: $(STAMP)
+	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+	@echo "The book is at file://$(CURDIR)/_build/html/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab exercises/
+
+# After editing a chapter: stamp Colab cells, execute book/ and solutions/ in place
+# (outputs are what nbval checks), then regenerate exercises/ from solutions/.
+notebooks: $(STAMP)
+	$(BIN)/python scripts/sync_notebooks.py
+	$(BIN)/python scripts/execute_notebooks.py book solutions
+	$(BIN)/python scripts/sync_notebooks.py
+
+exercises: $(STAMP)
+	$(BIN)/python scripts/sync_notebooks.py
+
+clean:
+	rm -rf $(VENV) _build

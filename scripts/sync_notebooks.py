@@ -1,0 +1,154 @@
+"""Keep the notebooks in step with the repository: Colab cells and generated exercises.
+
+1. Every notebook in book/, solutions/ and exercises/ gets, right after its title
+   cell, a Colab badge (a markdown cell tagged ``colab-badge``) and a setup cell
+   (tagged ``colab-setup``) that installs lora_edu only on Colab. Both are made
+   from ``repository`` in _config.yml, the one place that names the repository.
+2. exercises/NN_*.ipynb is generated from solutions/NN_*.ipynb: each part fenced by
+   ``# BEGIN SOLUTION: <hint>`` ... ``# END SOLUTION`` becomes
+   ``raise NotImplementedError("<hint>")``, cells tagged ``solution-only`` are
+   dropped, and outputs are cleared.
+
+    python scripts/sync_notebooks.py          # rewrite what is out of date
+    python scripts/sync_notebooks.py --check  # exit 1 and name what is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIRS = ("book", "solutions")
+BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN SOLUTION(?::\s*(?P<hint>.*))?$")
+END = re.compile(r"^\s*# END SOLUTION\s*$")
+BADGE_TAG, SETUP_TAG, SOLUTION_ONLY_TAG = "colab-badge", "colab-setup", "solution-only"
+
+
+def repository(root: Path = ROOT) -> tuple[str, str]:
+    """(url, branch) of the repository, from _config.yml."""
+    config = yaml.safe_load((root / "_config.yml").read_text())
+    repo = config["repository"]
+    return repo["url"].rstrip("/"), repo.get("branch", "main")
+
+
+def colab_badge(relative_path: str, url: str, branch: str) -> str:
+    github_path = url.removeprefix("https://github.com/")
+    link = f"https://colab.research.google.com/github/{github_path}/blob/{branch}/{relative_path}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({link})"
+
+
+def setup_source(url: str, branch: str) -> str:
+    return (
+        "# Setup: on Google Colab, install lora_edu (and what it needs); elsewhere, do nothing.\n"
+        "import subprocess\n"
+        "import sys\n"
+        "\n"
+        'if "google.colab" in sys.modules:\n'
+        "    subprocess.run(\n"
+        f'        [sys.executable, "-m", "pip", "install", "-q", "lora_edu[hub] @ git+{url}@{branch}"],\n'
+        "        check=True,\n"
+        "    )"
+    )
+
+
+def stub_solutions(source: str) -> str:
+    """Replace each fenced solution in a code cell's source with a NotImplementedError stub."""
+    out, inside = [], False
+    for number, line in enumerate(source.splitlines(), start=1):
+        begin = BEGIN.match(line)
+        if begin:
+            if inside:
+                raise ValueError(f"line {number}: BEGIN SOLUTION inside another solution")
+            hint = (begin.group("hint") or "").strip()
+            if not hint:
+                raise ValueError(f"line {number}: '# BEGIN SOLUTION' needs a hint: '# BEGIN SOLUTION: <hint>'")
+            out.append(f"{begin.group('indent')}raise NotImplementedError({hint!r})")
+            inside = True
+        elif END.match(line):
+            if not inside:
+                raise ValueError(f"line {number}: END SOLUTION without a BEGIN SOLUTION")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise ValueError("a BEGIN SOLUTION is never closed by END SOLUTION")
+    return "\n".join(out)
+
+
+def exercise_notebook(solutions: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    nb = nbformat.from_dict(solutions)  # a deep copy
+    nb.cells = [c for c in nb.cells if SOLUTION_ONLY_TAG not in c.metadata.get("tags", [])]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.source = stub_solutions(cell.source)
+            cell.outputs, cell.execution_count = [], None
+    return nb
+
+
+def _tagged(cell: nbformat.NotebookNode, tag: str) -> bool:
+    return tag in cell.metadata.get("tags", [])
+
+
+def stamp_colab_cells(nb: nbformat.NotebookNode, relative_path: str, url: str, branch: str) -> None:
+    """Put the badge and setup cells right after the title cell, replacing older ones."""
+    title = nb.cells[0]
+    if title.cell_type != "markdown" or not title.source.startswith("# "):
+        raise ValueError(f"{relative_path}: the first cell must be a markdown title ('# ...')")
+    old = {tag: next((c for c in nb.cells if _tagged(c, tag)), None) for tag in (BADGE_TAG, SETUP_TAG)}
+    badge = old[BADGE_TAG] or nbformat.v4.new_markdown_cell(metadata={"tags": [BADGE_TAG]})
+    badge.source = colab_badge(relative_path, url, branch)
+    setup = old[SETUP_TAG] or nbformat.v4.new_code_cell(metadata={"tags": [SETUP_TAG]})
+    setup.source = setup_source(url, branch)
+    rest = [c for c in nb.cells[1:] if not (_tagged(c, BADGE_TAG) or _tagged(c, SETUP_TAG))]
+    nb.cells = [title, badge, setup, *rest]
+
+
+def expected_notebooks(root: Path = ROOT) -> dict[Path, str]:
+    """Every notebook the repository should hold, as the text it should have."""
+    url, branch = repository(root)
+    expected = {}
+    for folder in NOTEBOOK_DIRS:
+        for path in sorted((root / folder).glob("*.ipynb")):
+            nb = nbformat.read(path, as_version=4)
+            stamp_colab_cells(nb, path.relative_to(root).as_posix(), url, branch)
+            expected[path] = nbformat.writes(nb) + "\n"
+            if folder == "solutions":
+                exercise_path = root / "exercises" / path.name
+                exercises = exercise_notebook(nb)
+                stamp_colab_cells(exercises, exercise_path.relative_to(root).as_posix(), url, branch)
+                expected[exercise_path] = nbformat.writes(exercises) + "\n"
+    return expected
+
+
+def out_of_date(root: Path = ROOT) -> list[Path]:
+    """Notebooks whose text differs from what sync would write, and stray exercises."""
+    expected = expected_notebooks(root)
+    stale = [p for p, text in expected.items() if not p.is_file() or p.read_text() != text]
+    stale += [p for p in sorted((root / "exercises").glob("*.ipynb")) if p not in expected]
+    return stale
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of date")
+    args = parser.parse_args()
+    if args.check:
+        stale = out_of_date()
+        for path in stale:
+            print(f"out of date: {path.relative_to(ROOT)} (run `make exercises`)")
+        return 1 if stale else 0
+    for path, text in expected_notebooks().items():
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
