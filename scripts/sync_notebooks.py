@@ -4,6 +4,8 @@
    cell, a Colab badge (a markdown cell tagged ``colab-badge``) and a setup cell
    (tagged ``colab-setup``) that installs lora_edu only on Colab. Both are made
    from ``repository`` in _config.yml, the one place that names the repository.
+   A book chapter's cell tagged ``exercises-link`` is filled with links to its
+   exercises (with their own Colab badge) and solutions.
 2. exercises/NN_*.ipynb is generated from solutions/NN_*.ipynb: each part fenced by
    ``# BEGIN SOLUTION: <hint>`` ... ``# END SOLUTION`` becomes
    ``raise NotImplementedError("<hint>")``, cells tagged ``solution-only`` are
@@ -28,6 +30,7 @@ NOTEBOOK_DIRS = ("book", "solutions")
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN SOLUTION(?::\s*(?P<hint>.*))?$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
 BADGE_TAG, SETUP_TAG, SOLUTION_ONLY_TAG = "colab-badge", "colab-setup", "solution-only"
+EXERCISES_LINK_TAG = "exercises-link"
 
 
 def repository(root: Path = ROOT) -> tuple[str, str]:
@@ -41,6 +44,20 @@ def colab_badge(relative_path: str, url: str, branch: str) -> str:
     github_path = url.removeprefix("https://github.com/")
     link = f"https://colab.research.google.com/github/{github_path}/blob/{branch}/{relative_path}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({link})"
+
+
+def exercises_link(name: str, url: str, branch: str) -> str:
+    """The end of a chapter: where its exercises and solutions are, on GitHub and Colab."""
+    exercises, solutions = f"exercises/{name}", f"solutions/{name}"
+    return (
+        "## Exercises\n"
+        "\n"
+        f"The exercises for this chapter are in [`{exercises}`]({url}/blob/{branch}/{exercises}) "
+        f"{colab_badge(exercises, url, branch)}\n"
+        "\n"
+        "After each one, a check cell tells you in a sentence what is wrong or that it is right. "
+        f"Worked solutions: [`{solutions}`]({url}/blob/{branch}/{solutions})."
+    )
 
 
 def setup_source(url: str, branch: str) -> str:
@@ -109,6 +126,16 @@ def stamp_colab_cells(nb: nbformat.NotebookNode, relative_path: str, url: str, b
     nb.cells = [title, badge, setup, *rest]
 
 
+def stamp_exercises_link(nb: nbformat.NotebookNode, relative_path: str, url: str, branch: str) -> None:
+    cells = [c for c in nb.cells if _tagged(c, EXERCISES_LINK_TAG)]
+    if len(cells) != 1:
+        raise ValueError(
+            f"{relative_path}: a chapter with solutions needs exactly one markdown cell tagged "
+            f"{EXERCISES_LINK_TAG!r} (where the link to its exercises goes), found {len(cells)}"
+        )
+    cells[0].source = exercises_link(Path(relative_path).name, url, branch)
+
+
 def expected_notebooks(root: Path = ROOT) -> dict[Path, str]:
     """Every notebook the repository should hold, as the text it should have."""
     url, branch = repository(root)
@@ -116,7 +143,10 @@ def expected_notebooks(root: Path = ROOT) -> dict[Path, str]:
     for folder in NOTEBOOK_DIRS:
         for path in sorted((root / folder).glob("*.ipynb")):
             nb = nbformat.read(path, as_version=4)
-            stamp_colab_cells(nb, path.relative_to(root).as_posix(), url, branch)
+            relative_path = path.relative_to(root).as_posix()
+            stamp_colab_cells(nb, relative_path, url, branch)
+            if folder == "book" and (root / "solutions" / path.name).is_file():
+                stamp_exercises_link(nb, relative_path, url, branch)
             expected[path] = nbformat.writes(nb) + "\n"
             if folder == "solutions":
                 exercise_path = root / "exercises" / path.name

@@ -103,3 +103,19 @@ def test_exercise_notebook_drops_solution_only_cells_and_outputs():
     assert [c.source for c in out.cells] == ["# T", "raise NotImplementedError('h')"]
     assert out.cells[1].outputs == [] and out.cells[1].execution_count is None
     assert len(nb.cells) == 3  # the solutions are left untouched
+
+
+def test_each_chapter_links_to_its_exercises_and_solutions():
+    url, branch = sync_notebooks.repository()
+    for path in BOOK:
+        nb = nbformat.read(path, as_version=4)
+        links = [c.source for c in nb.cells if "exercises-link" in c.metadata.get("tags", [])]
+        assert len(links) == 1, path.name
+        assert f"{url}/blob/{branch}/exercises/{path.name}" in links[0]
+        assert "colab.research.google.com/github/" in links[0] and f"solutions/{path.name}" in links[0]
+
+
+def test_a_chapter_without_its_exercises_link_cell_is_refused():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# T")])
+    with pytest.raises(ValueError, match="exercises-link"):
+        sync_notebooks.stamp_exercises_link(nb, "book/01_x.ipynb", "https://github.com/o/r", "main")

@@ -20,6 +20,7 @@ __all__ = [
     "load_split",
     "load_text",
     "split_text",
+    "uniform_loss",
 ]
 
 DATA_DIR = Path(__file__).resolve().parent
