@@ -336,7 +336,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     """
     out = {}
     for key, value in hf_state.items():
-        if key.endswith(("attn.bias", "attn.masked_bias")) or key == "lm_head.weight":
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
             continue
         if not key.startswith("transformer."):
             key = "transformer." + key  # GPT2Model (no LM head) saves without the prefix

@@ -19,4 +19,9 @@ def test_the_book_builds_without_warnings(tmp_path):
     assert (html / "index.html").is_file()
     chapter = (html / "book" / "00_meet_the_model.html").read_text()
     assert "colab.research.google.com" in chapter  # the launch button and the badge
-    assert "Hu" in (html / "book" / "intro.html").read_text()  # a citation was resolved
+    assert "exercises/00_meet_the_model.ipynb" in chapter  # the link to its exercises
+    assert chapter.count("<img") >= 4  # the stored figures made it onto the page
+    for page in ("intro.html", "00_meet_the_model.html"):
+        # Citations render author-year and link into the References page.
+        text = (html / "book" / page).read_text()
+        assert "Hu <em>et al.</em>, 2022" in text and 'href="references.html#' in text, page
