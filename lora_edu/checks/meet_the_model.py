@@ -1,9 +1,4 @@
-"""Checkers for the exercises: each takes your function, tries it, and says what is wrong.
-
-A checker prints one line when your answer is right and raises :class:`CheckFailed`
-with a sentence about the first thing that is wrong otherwise. The reference
-answers are the package's own functions, the same ones the chapters use.
-"""
+"""Checkers for chapter 0's exercises: parameter count, cross-entropy, next-token probabilities."""
 
 from __future__ import annotations
 
@@ -13,34 +8,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lora_edu.checks._core import CheckFailed, expect_tensor, call_learner
 from lora_edu.gpt2 import GPT2, GPT2Config, next_token_probs
 
-__all__ = ["CheckFailed", "check_cross_entropy", "check_next_token_probs", "check_parameter_count"]
+__all__ = ["check_cross_entropy", "check_next_token_probs", "check_parameter_count"]
 
-
-class CheckFailed(AssertionError):
-    """Your answer is not right yet; the message says why."""
-
-
-def _call(fn: Callable, *args):
-    """Call the learner's function, turning the exercise stub into a friendly message."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise CheckFailed(
-            f"{getattr(fn, '__name__', 'your function')} is still the stub: replace the "
-            "`raise NotImplementedError(...)` line with your code."
-        ) from None
-
-
-def _as_tensor(value, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise CheckFailed(f"{what} should return a torch.Tensor, got {type(value).__name__}.")
-    return value
-
-
-# ---------------------------------------------------------------------------
-# Chapter 0: Meet the model
 
 def _true_parameter_count(config: GPT2Config) -> int:
     with torch.device("meta"):  # shapes only: no memory, no time, even for GPT-2 XL
@@ -55,7 +27,7 @@ def check_parameter_count(count_parameters: Callable[[GPT2Config], int]) -> None
         "an odd one": GPT2Config(vocab_size=100, block_size=32, n_layer=3, n_head=3, n_embd=48),
     }
     for name, config in configs.items():
-        got, want = _call(count_parameters, config), _true_parameter_count(config)
+        got, want = call_learner(count_parameters, config), _true_parameter_count(config)
         if isinstance(got, torch.Tensor):
             got = got.item()
         if not isinstance(got, int) or isinstance(got, bool):
@@ -83,7 +55,7 @@ def check_cross_entropy(cross_entropy: Callable[[torch.Tensor, torch.Tensor], to
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(12, 7, generator=generator) * 3
     targets = torch.randint(0, 7, (12,), generator=generator)
-    got = _as_tensor(_call(cross_entropy, logits.clone(), targets.clone()), "cross_entropy")
+    got = expect_tensor(call_learner(cross_entropy, logits.clone(), targets.clone()), "cross_entropy")
     want = F.cross_entropy(logits, targets)
     if got.numel() != 1:
         raise CheckFailed(f"cross_entropy should return a single number (the mean), got shape {tuple(got.shape)}.")
@@ -113,7 +85,7 @@ def check_next_token_probs(
     """Exercise 0.3: ``probs_fn(logits, temperature, top_k)`` is the sampling distribution."""
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
     for temperature, top_k in [(1.0, None), (0.5, None), (2.0, None), (1.0, 2), (0.7, 3)]:
-        got = _as_tensor(_call(probs_fn, logits.clone(), temperature, top_k), "next_token_probs")
+        got = expect_tensor(call_learner(probs_fn, logits.clone(), temperature, top_k), "next_token_probs")
         want = next_token_probs(logits, temperature, top_k)
         if got.shape != want.shape:
             raise CheckFailed(f"Expected shape {tuple(want.shape)} (one distribution per row), got {tuple(got.shape)}.")

@@ -1,0 +1,12 @@
+"""Checkers for the exercises: each takes your function, tries it, and says what is wrong.
+
+A checker prints one line when your answer is right and raises :class:`CheckFailed`
+with a sentence about the first thing that is wrong otherwise. The reference
+answers are the package's own functions, the same ones the chapters use. One module
+per chapter; import them all from here.
+"""
+
+from lora_edu.checks._core import CheckFailed
+from lora_edu.checks.meet_the_model import check_cross_entropy, check_next_token_probs, check_parameter_count
+
+__all__ = ["CheckFailed", "check_cross_entropy", "check_next_token_probs", "check_parameter_count"]
