@@ -24,6 +24,21 @@ def final_terminal_text(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
+def merge_streams(outputs: list) -> list:
+    """Join consecutive outputs of one stream (a progress bar sends hundreds), as a terminal shows them."""
+    merged = []
+    for output in outputs:
+        if output.output_type == "stream" and merged and merged[-1].output_type == "stream" \
+                and merged[-1].name == output.name:
+            merged[-1].text += output.text
+        else:
+            merged.append(output)
+    for output in merged:
+        if output.output_type == "stream":
+            output.text = final_terminal_text(output.text)
+    return merged
+
+
 def execute(path: Path) -> float:
     nb = nbformat.read(path, as_version=4)
     start = time.time()
@@ -32,9 +47,8 @@ def execute(path: Path) -> float:
     ).execute()
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
-        for output in cell.get("outputs", []):
-            if output.output_type == "stream":
-                output.text = final_terminal_text(output.text)
+        if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
     nbformat.write(nb, path)
     return time.time() - start
 

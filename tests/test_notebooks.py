@@ -119,3 +119,21 @@ def test_a_chapter_without_its_exercises_link_cell_is_refused():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# T")])
     with pytest.raises(ValueError, match="exercises-link"):
         sync_notebooks.stamp_exercises_link(nb, "book/01_x.ipynb", "https://github.com/o/r", "main")
+
+
+def test_progress_bars_are_stored_as_a_terminal_leaves_them():
+    from execute_notebooks import merge_streams
+
+    new = nbformat.v4.new_output
+    outputs = [
+        new("stream", name="stderr", text="training:   0%|  | 0/2\r"),
+        new("stream", name="stderr", text="training:  50%|# | 1/2\r"),
+        new("stream", name="stderr", text="training: 100%|##| 2/2\n"),
+        new("stream", name="stdout", text="loss 1.5\n"),
+        new("stream", name="stdout", text="done\n"),
+    ]
+    merged = merge_streams(outputs)
+    assert [(o.name, o.text) for o in merged] == [
+        ("stderr", "training: 100%|##| 2/2\n"),
+        ("stdout", "loss 1.5\ndone\n"),
+    ]

@@ -1,4 +1,4 @@
-"""Every checker accepts the right answer and rejects wrong ones with a useful sentence."""
+"""Chapter 0's checkers accept the right answer and reject wrong ones with a useful sentence."""
 
 import math
 
