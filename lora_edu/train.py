@@ -16,7 +16,7 @@ from tqdm import tqdm  # the text bar: it works in a terminal, Jupyter and Colab
 
 from lora_edu.data import get_batch
 
-__all__ = ["History", "TrainConfig", "default_device", "evaluate", "make_adamw", "seed_everything", "train"]
+__all__ = ["MILTON_FINE_TUNE", "History", "TrainConfig", "default_device", "evaluate", "make_adamw", "seed_everything", "train"]
 
 
 def default_device() -> str:
@@ -68,6 +68,14 @@ class TrainConfig:
         progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
         cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+# The book's domain adaptation: the tiny GPT-2 on Milton, 200 steps of 16 x 128 bytes.
+# Chapters 1-3 and the benchmarks start from it (LoRA with its own, larger lr).
+MILTON_FINE_TUNE = TrainConfig(
+    steps=200, batch_size=16, block_size=128, lr=3e-4, weight_decay=0.0,
+    warmup_steps=20, min_lr_ratio=0.1, eval_every=50, eval_batches=4,
+)
 
 
 @dataclass

@@ -7,14 +7,24 @@ per chapter; import them all from here.
 """
 
 from lora_edu.checks._core import CheckFailed
+from lora_edu.checks.lora_from_scratch import (
+    check_count_lora_parameters,
+    check_inject_lora,
+    check_lora_forward,
+    check_merge_unmerge,
+)
 from lora_edu.checks.meet_the_model import check_cross_entropy, check_next_token_probs, check_parameter_count
 from lora_edu.checks.svd_intuition import check_low_rank_factors, check_low_rank_parameters, check_rank_for_energy
 
 __all__ = [
     "CheckFailed",
+    "check_count_lora_parameters",
     "check_cross_entropy",
+    "check_inject_lora",
+    "check_lora_forward",
     "check_low_rank_factors",
     "check_low_rank_parameters",
+    "check_merge_unmerge",
     "check_next_token_probs",
     "check_parameter_count",
     "check_rank_for_energy",
