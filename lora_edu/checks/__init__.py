@@ -13,6 +13,7 @@ from lora_edu.checks.lora_from_scratch import (
     check_lora_forward,
     check_merge_unmerge,
 )
+from lora_edu.checks.lora_plus import check_loraplus_groups, check_lr_by_parameter, check_sign_descent_step
 from lora_edu.checks.meet_the_model import check_cross_entropy, check_next_token_probs, check_parameter_count
 from lora_edu.checks.svd_intuition import check_low_rank_factors, check_low_rank_parameters, check_rank_for_energy
 
@@ -22,10 +23,13 @@ __all__ = [
     "check_cross_entropy",
     "check_inject_lora",
     "check_lora_forward",
+    "check_loraplus_groups",
     "check_low_rank_factors",
     "check_low_rank_parameters",
+    "check_lr_by_parameter",
     "check_merge_unmerge",
     "check_next_token_probs",
     "check_parameter_count",
     "check_rank_for_energy",
+    "check_sign_descent_step",
 ]

@@ -1,0 +1,105 @@
+"""LoRA+: train B faster than A, eta_B = ratio * eta_A (Hayou, Ghosh and Yu, 2024).
+
+``loraplus_param_groups`` sorts a LoRA model's trainable parameters into optimizer
+groups; ``create_loraplus_optimizer`` builds any torch optimizer from them. Weight
+decay goes exactly where you ask for it: every group that holds matrices gets it, and
+biases and norms never do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lora_edu.lora import lora_layers
+
+__all__ = ["create_loraplus_optimizer", "loraplus_param_groups"]
+
+
+def _check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        expected = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
+
+
+def loraplus_param_groups(
+    model: nn.Module,
+    lr: float,
+    ratio: float,
+    weight_decay: float = 0.0,
+    embedding_lr: float = 1e-6,
+) -> list[dict]:
+    """Optimizer parameter groups for LoRA+; each group is named under ``"name"``.
+
+    - ``lora_A``: every A matrix, at ``lr``, with ``weight_decay``;
+    - ``lora_B``: every B matrix, at ``ratio * lr``, with ``weight_decay``;
+    - ``embedding``: trainable embedding weights, at ``embedding_lr``, with ``weight_decay``;
+    - ``other``: any other trainable matrix, at ``lr``, with ``weight_decay``;
+    - ``no_decay``: trainable vectors (biases, LayerNorms), at ``lr``, without decay.
+
+    ``ratio`` has no default: the LoRA+ authors suggest 2 to 2^4 for their models, but the
+    right value depends on the model and the task. It must be >= 1 (B learns faster).
+    """
+    _check_positive("lr", lr)
+    _check_positive("ratio", ratio)
+    if ratio < 1:
+        raise ValueError(f"ratio must be >= 1 (B learns at ratio * lr, at least as fast as A), got {ratio!r}")
+    _check_positive("weight_decay", weight_decay, allow_zero=True)
+    _check_positive("embedding_lr", embedding_lr)
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers; call lora_edu.lora.add_lora first")
+
+    a_params = {id(layer.lora_A.weight) for layer in layers.values()}
+    b_params = {id(layer.lora_B.weight) for layer in layers.values()}
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    groups = {
+        "lora_A": {"params": [], "lr": lr, "weight_decay": weight_decay},
+        "lora_B": {"params": [], "lr": ratio * lr, "weight_decay": weight_decay},
+        "embedding": {"params": [], "lr": embedding_lr, "weight_decay": weight_decay},
+        "other": {"params": [], "lr": lr, "weight_decay": weight_decay},
+        "no_decay": {"params": [], "lr": lr, "weight_decay": 0.0},
+    }
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in a_params:
+            name = "lora_A"
+        elif id(p) in b_params:
+            name = "lora_B"
+        elif id(p) in embedding_params:
+            name = "embedding"
+        elif p.dim() >= 2:
+            name = "other"
+        else:
+            name = "no_decay"
+        groups[name]["params"].append(p)
+    if not groups["lora_A"]["params"] and not groups["lora_B"]["params"]:  # one frozen is a choice (LoRA-FA freezes A)
+        raise ValueError("no LoRA parameter is trainable; call mark_only_lora_trainable(model)")
+    return [{"name": name, **group} for name, group in groups.items() if group["params"]]
+
+
+def create_loraplus_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer],
+    lr: float,
+    ratio: float,
+    weight_decay: float = 0.0,
+    embedding_lr: float = 1e-6,
+    **kwargs,
+) -> torch.optim.Optimizer:
+    """``optimizer_cls`` (AdamW, say) over :func:`loraplus_param_groups`; ``kwargs`` go to it."""
+    if "params" in kwargs:
+        raise TypeError("create_loraplus_optimizer builds the parameter groups itself; do not pass params")
+    groups = loraplus_param_groups(model, lr, ratio, weight_decay, embedding_lr)
+    optimizer = optimizer_cls(groups, lr=lr, **kwargs)
+    # An optimizer without weight decay (Rprop, say) ignores the groups' "weight_decay" without a word.
+    if weight_decay > 0 and "weight_decay" not in optimizer.defaults:
+        raise ValueError(
+            f"{optimizer_cls.__name__} has no weight decay, so weight_decay={weight_decay!r} would be silently "
+            "ignored; pass weight_decay=0 or use an optimizer that decays (AdamW)"
+        )
+    return optimizer
