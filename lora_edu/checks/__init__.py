@@ -15,10 +15,17 @@ from lora_edu.checks.lora_from_scratch import (
 )
 from lora_edu.checks.lora_plus import check_loraplus_groups, check_lr_by_parameter, check_sign_descent_step
 from lora_edu.checks.meet_the_model import check_cross_entropy, check_next_token_probs, check_parameter_count
+from lora_edu.checks.nf4_quantization import (
+    check_bits_per_parameter,
+    check_nf4_values,
+    check_pack_unpack,
+    check_quantize_block,
+)
 from lora_edu.checks.svd_intuition import check_low_rank_factors, check_low_rank_parameters, check_rank_for_energy
 
 __all__ = [
     "CheckFailed",
+    "check_bits_per_parameter",
     "check_count_lora_parameters",
     "check_cross_entropy",
     "check_inject_lora",
@@ -29,7 +36,10 @@ __all__ = [
     "check_lr_by_parameter",
     "check_merge_unmerge",
     "check_next_token_probs",
+    "check_nf4_values",
+    "check_pack_unpack",
     "check_parameter_count",
+    "check_quantize_block",
     "check_rank_for_energy",
     "check_sign_descent_step",
 ]
