@@ -14,7 +14,7 @@ from lora_edu.checks import (
     check_pack_unpack,
     check_quantize_block,
 )
-from lora_edu.nf4 import nf4_code, quantize_nf4
+from lora_edu.nf4 import ZERO_CODE, nf4_code, quantize_nf4
 
 
 def stub(*args):
@@ -202,8 +202,8 @@ def test_a_missing_clamp_cannot_change_an_index():
 
 # --- Exercise 4.3: packing two indices per byte ---
 
-def right_pack(indices):
-    indices = F.pad(indices.long(), (0, indices.numel() % 2))
+def right_pack(indices):  # an odd count is padded with 7, the index of 0.0, as quantize_nf4 does
+    indices = F.pad(indices.long(), (0, indices.numel() % 2), value=ZERO_CODE)
     return ((indices[0::2] << 4) | indices[1::2]).to(torch.uint8)
 
 
@@ -212,7 +212,7 @@ def right_unpack(packed, n):
 
 
 def arithmetic_pack(indices):  # also right: with * 16 and a loop
-    values = indices.tolist() + [0] * (len(indices) % 2)
+    values = indices.tolist() + [7] * (len(indices) % 2)
     return torch.tensor([16 * values[i] + values[i + 1] for i in range(0, len(values), 2)], dtype=torch.uint8)
 
 
@@ -220,7 +220,19 @@ def arithmetic_unpack(packed, n):  # also right: // and %
     return torch.stack([packed.long() // 16, packed.long() % 16], dim=1).reshape(-1)[:n]
 
 
+def uint8_pack(indices):  # also right: uint8 throughout, padding with torch.cat
+    indices = indices.to(torch.uint8)
+    if indices.numel() % 2:
+        indices = torch.cat([indices, torch.tensor([7], dtype=torch.uint8)])
+    return indices[0::2] * 16 + indices[1::2]
+
+
 def pack_low_first(indices):
+    indices = F.pad(indices.long(), (0, indices.numel() % 2), value=7)
+    return ((indices[1::2] << 4) | indices[0::2]).to(torch.uint8)
+
+
+def pack_low_first_padding_with_zero(indices):
     indices = F.pad(indices.long(), (0, indices.numel() % 2))
     return ((indices[1::2] << 4) | indices[0::2]).to(torch.uint8)
 
@@ -244,9 +256,18 @@ def pack_truncating(indices):
     return ((indices[0::2] << 4) | indices[1::2]).to(torch.uint8)
 
 
-def pack_with_seven(indices):
-    indices = F.pad(indices.long(), (0, indices.numel() % 2), value=7)
+def pack_with_zero(indices):  # the old convention: the padding decodes to -absmax, not 0
+    indices = F.pad(indices.long(), (0, indices.numel() % 2))
     return ((indices[0::2] << 4) | indices[1::2]).to(torch.uint8)
+
+
+def pack_with_fifteen(indices):
+    indices = F.pad(indices.long(), (0, indices.numel() % 2), value=15)
+    return ((indices[0::2] << 4) | indices[1::2]).to(torch.uint8)
+
+
+def pack_with_zero_on_long_inputs(indices):  # right on the small cases: only quantize_nf4's odd case catches it
+    return right_pack(indices) if indices.numel() <= 33 else pack_with_zero(indices)
 
 
 def mutating_pack(indices):
@@ -257,13 +278,22 @@ def mutating_pack(indices):
 
 WRONG_PACK = {
     "pack low nibble first": ((pack_low_first, right_unpack), "nibbles are swapped: the first index of each pair goes in the high"),
+    "pack low nibble first, padding with 0": ((pack_low_first_padding_with_zero, right_unpack),
+                                              "nibbles are swapped: the first index of each pair goes in the high"),
     "unpack low nibble first": ((right_pack, unpack_low_first), "nibbles are swapped: the high nibble .* is the first index"),
-    "no padding (broadcasts)": ((pack_without_padding, right_unpack), r"indices=\[1, 2, 3\], pack gave \[0x12, 0x32\].*"
-                                r"pad the indices with a 0 to an even length"),
+    "no padding (broadcasts)": ((pack_without_padding, right_unpack),
+                                r"indices=\[1, 2, 3\], pack gave \[0x12, 0x32\] but should give \[0x12, 0x37\]: with an "
+                                r"odd count the last byte holds the last index and a 7: .*pad with 7, the index of 0\.0 \(lora_edu\.nf4\.ZERO_CODE\), so the padding decodes to exactly zero"),
     "no padding (crash)": ((pack_pairs_without_padding, right_unpack),
-                           r"an odd count, pack raised RuntimeError .* pad the indices with a 0"),
-    "no padding (truncates)": ((pack_truncating, right_unpack), r"with an odd count, pad with a 0 .* ceil\(n / 2\) bytes"),
-    "padding with 7": ((pack_with_seven, right_unpack), "you padded with 7, the index of 0.0"),
+                           r"an odd count, pack raised RuntimeError .* even length first: pad with 7, the index of 0\.0 \(lora_edu\.nf4\.ZERO_CODE\), so the padding decodes to exactly zero"),
+    "no padding (truncates)": ((pack_truncating, right_unpack), r"with an odd count .* ceil\(n / 2\) bytes: pad with 7, the index of 0\.0 \(lora_edu\.nf4\.ZERO_CODE\), so the padding decodes to exactly zero"),
+    "padding with 0": ((pack_with_zero, right_unpack),
+                       r"indices=\[1, 2, 3\], pack gave \[0x12, 0x30\] but should give \[0x12, 0x37\]: you padded "
+                       r"with 0, which decodes to -1 times the absmax .*pad with 7, the index of 0\.0 \(lora_edu\.nf4\.ZERO_CODE\), so the padding decodes to exactly zero"),
+    "padding with 0 on long inputs only": ((pack_with_zero_on_long_inputs, right_unpack),
+                                           r"the 63 uint8 indices .*quantize_nf4 .*, byte 31 is 0x[0-9A-F]0 but should "
+                                           r"be 0x[0-9A-F]7: you padded with 0"),
+    "padding with 15": ((pack_with_fifteen, right_unpack), r"pack gave \[0x12, 0x3F\] .*: with an odd count .* a 7"),
     "unpack ignores n": ((right_pack, lambda packed, n: right_unpack(packed, None)), r"padding nibble .* \[:n\]"),
     "pack returns int64": ((lambda i: right_pack(i).long(), right_unpack), r"right but torch.int64, .* torch.uint8"),
     "unpack without the mask": ((right_pack, lambda p, n: torch.stack([p >> 4, p], dim=1).reshape(-1)[:n]),
@@ -281,7 +311,8 @@ WRONG_PACK = {
 }
 
 
-@pytest.mark.parametrize("right", [(right_pack, right_unpack), (arithmetic_pack, arithmetic_unpack)])
+@pytest.mark.parametrize("right", [(right_pack, right_unpack), (arithmetic_pack, arithmetic_unpack),
+                                   (uint8_pack, right_unpack)])
 def test_pack_unpack_accepts(right, capsys):
     check_pack_unpack(*right)
     assert capsys.readouterr().out.startswith("Correct:")
@@ -298,10 +329,28 @@ def test_pack_cases_follow_quantize_nf4_and_the_hand_made_example():
     from lora_edu.checks.nf4_quantization import _pack_cases, _reference_pack
 
     cases = list(_pack_cases())
-    assert cases[0][1].tolist() == [1, 2, 3] and cases[0][2].tolist() == [0x12, 0x30]
+    assert cases[0][1].tolist() == [1, 2, 3] and cases[0][2].tolist() == [0x12, 0x37]
+    by_values = {tuple(indices.tolist()): packed.tolist() for _, indices, packed in cases[:4]}
+    assert by_values == {(1, 2, 3): [0x12, 0x37], (0, 15, 7, 8): [0x0F, 0x78], (15,): [0xF7],
+                         (10, 5, 0, 12, 3): [0xA5, 0x0C, 0x37]}
     for setting, indices, packed in cases:
         assert packed.dtype == torch.uint8 and torch.equal(_reference_pack(indices), packed), setting
-    assert any("quantize_nf4" in setting for setting, _, _ in cases)
+    from_nf4 = [indices.numel() for setting, indices, _ in cases if "quantize_nf4" in setting]
+    assert 64 in from_nf4 and 63 in from_nf4  # an even and an odd count straight from the package's quantizer
+
+
+def test_odd_counts_are_padded_with_the_index_of_zero_like_quantize_nf4():
+    """The exercise's convention is the package's: the padding nibble is ZERO_CODE = 7, which decodes to 0.0."""
+    from lora_edu.checks.nf4_quantization import _reference_pack
+
+    assert ZERO_CODE == 7 and nf4_code()[ZERO_CODE].item() == 0.0
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 3, 63, 65, 127):
+        packed, _ = quantize_nf4(torch.randn(n, generator=g), blocksize=64)
+        packed = packed.reshape(-1)
+        assert packed[-1].item() & 0x0F == ZERO_CODE, n
+        indices = right_unpack(packed, n)
+        assert torch.equal(_reference_pack(indices), packed) and torch.equal(right_pack(indices), packed), n
 
 
 # --- Exercise 4.4: bits per parameter ---

@@ -171,23 +171,11 @@ def test_load_checkpoint_errors(tmp_path):
 
 transformers = pytest.importorskip("transformers")
 
-
-def _hf_model(n_embd=32):
-    config = transformers.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=n_embd, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # HF initialises biases to zero; make them count
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(std=0.1)
-    return model
+from hf_models import small_hf_gpt2  # noqa: E402
 
 
 def test_hf_state_dict_gives_the_same_logits():
-    hf = _hf_model()
+    hf = small_hf_gpt2()
     ours = GPT2(SMALL)
     result = ours.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
     assert result.missing_keys == ["lm_head.weight"] and result.unexpected_keys == []  # tied to wte
@@ -196,7 +184,7 @@ def test_hf_state_dict_gives_the_same_logits():
 
 
 def test_load_pretrained_from_a_saved_hf_folder(tmp_path):
-    hf = _hf_model()
+    hf = small_hf_gpt2()
     hf.save_pretrained(tmp_path)  # config.json + model.safetensors, as on the hub
     ours = load_pretrained(str(tmp_path))
     assert ours.config == SMALL
@@ -205,7 +193,7 @@ def test_load_pretrained_from_a_saved_hf_folder(tmp_path):
 
 
 def test_load_pretrained_names_mismatched_shapes(tmp_path):
-    _hf_model().save_pretrained(tmp_path)
+    small_hf_gpt2().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["n_embd"] = 64
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
+from hf_models import small_hf_gpt2
 from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf
 from lora_edu.lora import (
     LoRALinear,
@@ -85,18 +86,8 @@ def tokens(n=2, T=16):
 
 
 def hf_gpt2():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(std=0.1)
-    return model
+    pytest.importorskip("transformers")
+    return small_hf_gpt2()
 
 
 # --- the layer ---

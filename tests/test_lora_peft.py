@@ -9,24 +9,11 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from hf_models import small_hf_gpt2  # noqa: E402
 from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf  # noqa: E402
 from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter  # noqa: E402
 
 SMALL = GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
-
-
-def hf_gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # HF initialises biases to zero; make them count
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(std=0.1)
-    return model
 
 
 def ours_from(hf):
@@ -70,7 +57,7 @@ def _quiet():
     "kwargs", [dict(r=4, alpha=8), dict(r=3, alpha=5, use_rslora=True, targets=["c_attn", "mlp.c_proj"])]
 )
 def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, idx, kwargs):
-    hf = hf_gpt2()
+    hf = small_hf_gpt2()
     base_logits = logits(hf, idx)
     ours = add_lora(ours_from(hf), **kwargs)
     randomize([p for layer in lora_layers(ours).values() for p in (layer.lora_A.weight, layer.lora_B.weight)], seed=1)
@@ -89,7 +76,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, idx, kwargs):
 
 
 def test_a_peft_adapter_loads_here_with_the_same_logits(tmp_path, idx):
-    hf = hf_gpt2()
+    hf = small_hf_gpt2()
     ours = ours_from(hf)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     peft_model = peft.get_peft_model(hf, config).eval()
@@ -105,9 +92,9 @@ def test_a_peft_adapter_loads_here_with_the_same_logits(tmp_path, idx):
 
 
 def test_add_lora_on_hf_gpt2_matches_peft_for_the_same_a_and_b(tmp_path, idx):
-    ours = add_lora(hf_gpt2(), ["c_attn", "c_fc"], r=2, alpha=3)  # Conv1D layers, fan_in_fan_out
+    ours = add_lora(small_hf_gpt2(), ["c_attn", "c_fc"], r=2, alpha=3)  # Conv1D layers, fan_in_fan_out
     peft_model = peft.get_peft_model(
-        hf_gpt2(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        small_hf_gpt2(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     ).eval()
     randomize(peft_lora_params(peft_model), seed=3)
     peft_modules = dict(peft_model.base_model.model.named_modules())
@@ -122,5 +109,5 @@ def test_add_lora_on_hf_gpt2_matches_peft_for_the_same_a_and_b(tmp_path, idx):
     # Saved by us from the HF model, loaded by PEFT into another: same logits again.
     save_adapter(ours, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    reloaded = peft.PeftModel.from_pretrained(hf_gpt2(), tmp_path).eval()
+    reloaded = peft.PeftModel.from_pretrained(small_hf_gpt2(), tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, idx), logits(ours, idx), atol=1e-5, rtol=1e-5)

@@ -9,9 +9,11 @@ import torch
 
 from lora_edu.checks._core import CheckFailed, call_learner
 from lora_edu.nf4 import bits_per_parameter as _bits_per_parameter
-from lora_edu.nf4 import nf4_code, quantize_nf4
+from lora_edu.nf4 import ZERO_CODE, nf4_code, quantize_nf4
 
 __all__ = ["check_bits_per_parameter", "check_nf4_values", "check_pack_unpack", "check_quantize_block"]
+
+_PAD_WITH_7 = "pad with 7, the index of 0.0 (lora_edu.nf4.ZERO_CODE), so the padding decodes to exactly zero"
 
 _RECIPE = (
     "8 positive levels at the normal quantiles of torch.linspace(0.9677083, 0.5, 9)[:-1], 7 negative ones at minus "
@@ -248,26 +250,38 @@ def _diagnose_indices(setting, block, code, indices, want) -> None:
 # Exercise 4.3: two indices per byte.
 
 
-def _reference_pack(indices: torch.Tensor) -> torch.Tensor:
+def _reference_pack(indices: torch.Tensor, pad: int = ZERO_CODE) -> torch.Tensor:
     idx = indices.long()
     if idx.numel() % 2:
-        idx = torch.cat([idx, idx.new_zeros(1)])  # an odd count: the last low nibble is 0
+        # An odd count: the last low nibble is the padding, 7 (the index of 0.0) as in quantize_nf4 and bitsandbytes,
+        # so that it decodes to exactly zero. (pad=0 gives the wrong convention, for the diagnosis.)
+        idx = torch.cat([idx, idx.new_full((1,), pad)])
     return ((idx[0::2] << 4) | idx[1::2]).to(torch.uint8)  # the first index in the high nibble
+
+
+def _nf4_indices(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n uint8 indices of n random normal values quantized by quantize_nf4 (blocksize 64), and its bytes."""
+    packed, _ = quantize_nf4(torch.randn(n, generator=g), blocksize=64)
+    packed = packed.reshape(-1)
+    indices = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:n]  # high nibble first, as quantize_nf4
+    return indices, packed
 
 
 def _pack_cases():
     """(description, indices, packed bytes)."""
-    for values, packed in [([1, 2, 3], [0x12, 0x30]), ([0, 15, 7, 8], [0x0F, 0x78]), ([15], [0xF0]),
-                           ([10, 5, 0, 12, 3], [0xA5, 0x0C, 0x30])]:
+    for values, packed in [([1, 2, 3], [0x12, 0x37]), ([0, 15, 7, 8], [0x0F, 0x78]), ([15], [0xF7]),
+                           ([10, 5, 0, 12, 3], [0xA5, 0x0C, 0x37])]:
         indices = torch.tensor(values)
         yield f"indices={values}", indices, torch.tensor(packed, dtype=torch.uint8)
     g = torch.Generator().manual_seed(5)
-    packed, _ = quantize_nf4(torch.randn(64, generator=g))
-    packed = packed.reshape(-1)
-    indices = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)  # high nibble first, as quantize_nf4
+    indices, packed = _nf4_indices(64, g)
     yield "the 64 uint8 indices of a block quantized by lora_edu.nf4.quantize_nf4", indices, packed
     indices = torch.randint(0, 16, (33,), generator=g)
     yield "33 random indices", indices, _reference_pack(indices)
+    # An odd count straight from the package's quantizer: its last byte's low nibble is the padding, 7.
+    indices, packed = _nf4_indices(63, g)
+    yield ("the 63 uint8 indices of 63 values quantized by lora_edu.nf4.quantize_nf4 (blocksize 64), an odd count",
+           indices, packed)
 
 
 def _hex(values: torch.Tensor) -> str:
@@ -284,8 +298,8 @@ def _check_pack(pack: Callable) -> None:
             if n % 2 == 0:
                 raise
             raise CheckFailed(
-                f"For {setting}, an odd count, pack raised {type(err).__name__} ({_first_line(err)}): pad the "
-                "indices with a 0 to an even length first, so the last byte holds the last index and a 0."
+                f"For {setting}, an odd count, pack raised {type(err).__name__} ({_first_line(err)}): bring the "
+                f"indices to an even length first: {_PAD_WITH_7}; the last byte then holds the last index and a 7."
             ) from err
         if not torch.equal(passed, indices):
             raise CheckFailed("pack changed its argument indices in place: build the bytes as a new tensor.")
@@ -294,7 +308,7 @@ def _check_pack(pack: Callable) -> None:
         size = (n + 1) // 2
         if got.dim() != 1 or got.numel() != size:
             if got.numel() == n // 2 and n % 2:
-                hint = "with an odd count, pad with a 0 so the last index gets a byte too: ceil(n / 2) bytes"
+                hint = f"with an odd count the last index needs a byte too, ceil(n / 2) bytes: {_PAD_WITH_7}"
             elif got.numel() == n and n > 1:
                 hint = "you returned one value per index; pack two per byte, the first in the high nibble"
             else:
@@ -302,17 +316,20 @@ def _check_pack(pack: Callable) -> None:
             raise CheckFailed(f"For {setting}, pack returned shape {tuple(got.shape)}: {hint}.")
         values = got.long()
         if not torch.equal(values, want.long()):
-            first, second = want.long() >> 4, want.long() & 0x0F
-            seven = _reference_pack(torch.cat([indices.long(), torch.tensor([7])])).long() if n % 2 else None
-            if torch.equal(values, (second << 4) | first):
+            zero = _reference_pack(indices, pad=0).long() if n % 2 else None  # the old convention
+
+            def swapped(b):
+                return ((b & 0x0F) << 4) | (b >> 4)
+
+            if torch.equal(values, swapped(want.long())) or (zero is not None and torch.equal(values, swapped(zero))):
                 hint = ("the nibbles are swapped: the first index of each pair goes in the high nibble, "
                         "(indices[0::2] << 4) | indices[1::2]")
-            elif seven is not None and torch.equal(values, seven):
-                hint = ("you padded with 7, the index of 0.0 that quantize_nf4 uses; this exercise pads an odd "
-                        "count with 0, so the last byte's low nibble is 0")
+            elif zero is not None and torch.equal(values, zero):
+                hint = (f"you padded with 0, which decodes to -1 times the absmax (nf4_code()[0] is -1.0), not to "
+                        f"zero: {_PAD_WITH_7}, as quantize_nf4 and bitsandbytes do")
             elif n % 2 and torch.equal(values[:-1], want[:-1].long()) and values[-1] >> 4 == want[-1] >> 4:
-                hint = ("with an odd count the last byte holds the last index and a 0: pad the indices with a 0 to "
-                        "an even length first (indices[1::2] is one short, and broadcasting hides it)")
+                hint = (f"with an odd count the last byte holds the last index and a 7: bring the indices to an even "
+                        f"length first, {_PAD_WITH_7} (indices[1::2] is one short, and broadcasting hides it)")
             else:
                 hint = ("each byte holds two indices, the first in the high nibble: "
                         "(indices[0::2] << 4) | indices[1::2]")
@@ -343,7 +360,7 @@ def _check_unpack(unpack: Callable) -> None:
         shown = f"{_hex(packed)} and n={n}" if packed.numel() <= 4 else f"the bytes of {setting}"
         if got.dim() != 1 or got.numel() != n:
             if got.numel() == n + 1:
-                hint = "that includes the padding nibble of the odd count: return only the first n, [:n]"
+                hint = "that includes the padding nibble (the 7) of the odd count: return only the first n, [:n]"
             else:
                 hint = f"return a 1-D tensor of the n = {n} indices, two per byte"
             raise CheckFailed(f"For {shown}, unpack returned shape {tuple(got.shape)}: {hint}.")
@@ -366,7 +383,11 @@ def _check_unpack(unpack: Callable) -> None:
 
 
 def check_pack_unpack(pack: Callable, unpack: Callable) -> None:
-    """Exercise 4.3: ``pack(indices)`` puts two 4-bit indices in each uint8, the first high; ``unpack`` undoes it."""
+    """Exercise 4.3: ``pack(indices)`` puts two 4-bit indices in each uint8, the first high; ``unpack`` undoes it.
+
+    An odd count is padded with 7 (``lora_edu.nf4.ZERO_CODE``, the index of 0.0), as ``quantize_nf4`` and bitsandbytes
+    do, so that the padding decodes to exactly zero; ``unpack(packed, n)`` returns only the first n indices.
+    """
     _check_pack(pack)
     _check_unpack(unpack)
     g = torch.Generator().manual_seed(6)
@@ -375,7 +396,8 @@ def check_pack_unpack(pack: Callable, unpack: Callable) -> None:
         back = call_learner(unpack, call_learner(pack, indices.clone()), n)
         if not isinstance(back, torch.Tensor) or not torch.equal(back.long(), indices):
             raise CheckFailed(f"For {n} random indices, unpack(pack(indices), {n}) does not give the indices back.")
-    print("Correct: two indices per byte, the first in the high nibble, and unpack gives them back.")
+    print("Correct: two indices per byte, the first in the high nibble, an odd count padded with 7 (the index of "
+          "0.0), and unpack gives them back.")
 
 
 # ---------------------------------------------------------------------------
