@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from lora_edu.data import ByteTokenizer
@@ -30,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "load_pretrained",
     "load_tiny",
+    "load_tokenizer",
     "next_token_probs",
     "parameter_table",
     "save_checkpoint",
@@ -159,11 +161,28 @@ class GPT2(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.gradient_checkpointing = False
+        self._checkpoint_reentrant = False
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def gradient_checkpointing_enable(self, use_reentrant: bool = False) -> None:
+        """Store only each block's input in training; recompute the block in backward.
+
+        Activation memory then grows with the number of blocks times one (B, T, C) tensor,
+        plus one block's worth during its recomputation, at the price of a second forward
+        pass. ``use_reentrant=True`` is PyTorch's older variant (the one PEFT enables):
+        it only computes gradients if the block's input requires grad, which a frozen
+        embedding's output does not (see ``lora_edu.qlora.prepare_for_kbit_training``).
+        """
+        self.gradient_checkpointing = True
+        self._checkpoint_reentrant = bool(use_reentrant)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -183,8 +202,12 @@ class GPT2(nn.Module):
             )
         pos = torch.arange(T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self._checkpoint_reentrant)
+            else:
+                x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits
@@ -392,4 +415,26 @@ def _download(name: str) -> tuple[str, str]:
             f"could not fetch {name!r} from the Hugging Face Hub ({type(err).__name__}). "
             "Are you offline? Everything in this book runs on the shipped tiny model: "
             "lora_edu.gpt2.load_tiny()."
+        ) from err
+
+
+def load_tokenizer(name_or_path: str = "gpt2"):
+    """GPT-2's BPE tokenizer (a ``transformers`` tokenizer), for the real GPT-2 models.
+
+    A hub name or a local folder saved with ``save_pretrained``. The tiny model reads
+    bytes and needs no tokenizer file: ``lora_edu.data.ByteTokenizer``.
+    """
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ImportError(
+            "GPT-2's tokenizer needs transformers (pip install transformers); "
+            "the tiny model needs nothing: lora_edu.data.ByteTokenizer()"
+        ) from None
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as err:  # offline, hub down, or a folder without tokenizer files
+        raise RuntimeError(
+            f"could not load the tokenizer {name_or_path!r} ({type(err).__name__}). Are you offline? "
+            "The tiny model reads bytes: lora_edu.data.ByteTokenizer()."
         ) from err

@@ -17,10 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lora_edu.nf4 import NF4Linear
+
 __all__ = [
     "LoRALinear",
     "add_lora",
     "count_parameters",
+    "is_quantized",
     "load_adapter",
     "lora_layers",
     "lora_state_dict",
@@ -40,7 +43,13 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    # bitsandbytes' Linear4bit is an nn.Linear too; NF4Linear is our 4-bit layer (Chapter 4).
+    return isinstance(module, (nn.Linear, NF4Linear)) or _is_conv1d(module)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A 4-bit linear layer: our NF4Linear or bitsandbytes' Linear4bit (QLoRA's frozen base)."""
+    return isinstance(module, NF4Linear) or type(module).__name__ == "Linear4bit"
 
 
 class LoRALinear(nn.Module):
@@ -64,7 +73,7 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         if not _is_linear(base_layer):
-            raise TypeError(f"base_layer must be nn.Linear or a GPT-2 Conv1D, got {type(base_layer).__name__}")
+            raise TypeError(f"base_layer must be nn.Linear, a GPT-2 Conv1D or a 4-bit linear layer, got {type(base_layer).__name__}")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
@@ -73,17 +82,26 @@ class LoRALinear(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if _is_conv1d(base_layer) and not fan_in_fan_out:
             raise ValueError("base_layer is a Conv1D, whose weight is (in, out): pass fan_in_fan_out=True")
-        if isinstance(base_layer, nn.Linear) and fan_in_fan_out:
-            raise ValueError("base_layer is an nn.Linear, whose weight is (out, in): pass fan_in_fan_out=False")
-        weight = base_layer.weight
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        if not _is_conv1d(base_layer) and fan_in_fan_out:
+            kind = "an nn.Linear" if type(base_layer) is nn.Linear else f"a {type(base_layer).__name__}"
+            raise ValueError(f"base_layer is {kind}, whose weight is (out, in): pass fan_in_fan_out=False")
+        if is_quantized(base_layer):
+            # A 4-bit weight is packed bytes: its shape is not (out, in) and its dtype is not a
+            # float. A and B get their own float32 weights, as in QLoRA.
+            out_features, in_features = base_layer.out_features, base_layer.in_features
+            packed = base_layer.weight_packed if isinstance(base_layer, NF4Linear) else base_layer.weight
+            device, dtype = packed.device, torch.float32
+        else:
+            weight = base_layer.weight
+            out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+            device, dtype = weight.device, weight.dtype
         self.base_layer = base_layer
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = in_features, out_features
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = dict(bias=False, device=weight.device, dtype=weight.dtype)
+        kw = dict(bias=False, device=device, dtype=dtype)
         self.lora_A = nn.Linear(in_features, r, **kw)
         self.lora_B = nn.Linear(r, out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # nn.Linear's own init, as in PEFT
@@ -105,13 +123,16 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # The bypass runs in A's dtype (float32 beside a 4-bit base); the sum in the base's.
+        x = x.to(self.lora_A.weight.dtype)
+        return out + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """W0 <- W0 + scaling * B A. Afterwards the layer costs what the base layer costs."""
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; merging twice would add B A twice")
+        _refuse_quantized(self)
         merged = self.base_layer.weight + self.delta_weight()
         if not torch.isfinite(merged).all():
             raise ValueError("merging would make the base weight non-finite (inf or nan); the adapter is broken")
@@ -130,6 +151,15 @@ class LoRALinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
             f"scaling={self.scaling:.4g}, merged={self.merged}"
+        )
+
+
+def _refuse_quantized(layer: LoRALinear, name: str = "this LoRA layer") -> None:
+    if is_quantized(layer.base_layer):
+        raise TypeError(
+            f"{name} has a 4-bit base ({type(layer.base_layer).__name__}): adding B A to packed 4-bit "
+            "codes is meaningless. Use lora_edu.qlora.merge_and_dequantize (exact) or "
+            "lora_edu.qlora.merge_and_requantize (4 bits again, outputs change)"
         )
 
 
@@ -234,6 +264,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, layer in layers.items():
         if layer.merged:
             continue
+        _refuse_quantized(layer, name or "the model")
         # A tied weight (GPT-2's lm_head is wte) would take B A into the other module too.
         own = f"{name}.base_layer." if name else "base_layer."
         others = [n for n in owners[id(layer.base_layer.weight)] if not n.startswith(own)]

@@ -443,6 +443,28 @@ def int4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
+class _MatmulNF4(torch.autograd.Function):
+    """``x @ W.T`` for a frozen NF4 weight, dequantizing it again in backward.
+
+    ``F.linear(x, layer.dequantized_weight())`` would give the same numbers, but autograd
+    would keep every layer's dequantized weight alive until backward: the model in full
+    precision again, exactly what 4 bits were meant to save. Here nothing is saved; the
+    backward pass dequantizes once more (bitsandbytes' ``MatMul4Bit`` does the same).
+    The weight is frozen, so only the input gets a gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "NF4Linear") -> torch.Tensor:
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight())
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad_out @ ctx.layer.dequantized_weight().to(grad_out.dtype), None
+
+
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 and dequantized at every forward.
 
@@ -494,8 +516,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(self.weight_packed, self.quant_state, dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
+        out = _MatmulNF4.apply(x.to(self.compute_dtype), self)
+        return out if self.bias is None else out + self.bias.to(self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (

@@ -48,6 +48,9 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int | None = 8  # None evaluates on the whole held-out set
     seed: int = 0
+    # Mixed precision: run the forward pass under torch.autocast in this dtype (bfloat16, or
+    # float16 on GPUs without bf16, which also scales the loss so small gradients survive).
+    amp_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "block_size", "eval_every"):
@@ -60,6 +63,8 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
         if not 0 < self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio!r}")
+        if self.amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {self.amp_dtype!r}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then a cosine from ``lr`` down to ``lr * min_lr_ratio``."""
@@ -157,6 +162,8 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     history = History()
+    # A disabled scaler is a pass-through: scale(loss) is loss and step() is optimizer.step().
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp_dtype == torch.float16)
 
     def record_eval(step: int) -> None:
         history.step.append(step)
@@ -170,12 +177,15 @@ def train(
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * scale
         x, y = get_batch(train_ids, config.batch_size, config.block_size, generator)
-        _, loss = model(x.to(device), y.to(device))
+        with torch.autocast(device.type, dtype=config.amp_dtype, enabled=config.amp_dtype is not None):
+            _, loss = model(x.to(device), y.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if config.grad_clip is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         history.train_loss.append(loss.item())
         if step % config.eval_every == 0 or step == config.steps:
             record_eval(step)

@@ -15,6 +15,7 @@ from lora_edu.gpt2 import (
     generate_text,
     load_checkpoint,
     load_pretrained,
+    load_tokenizer,
     next_token_probs,
     parameter_table,
     save_checkpoint,
@@ -215,3 +216,33 @@ def test_load_pretrained_offline_points_at_the_tiny_model(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "Are you offline?" in result.stderr and "load_tiny()" in result.stderr
+
+
+def test_load_tokenizer_offline_points_at_the_byte_tokenizer(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = "from lora_edu.gpt2 import load_tokenizer; load_tokenizer('gpt2')"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Are you offline?" in result.stderr and "ByteTokenizer()" in result.stderr
+
+
+def test_load_tokenizer_reads_a_saved_folder(tmp_path):
+    # A small byte-level BPE trained here stands in for GPT-2's (which needs the hub).
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(["Of Man's first disobedience, and the fruit"] * 10, trainers.BpeTrainer(vocab_size=300))
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path)
+
+    tokenizer = load_tokenizer(str(tmp_path))
+    ids = tokenizer.encode("the fruit of that forbidden tree")
+    assert tokenizer.decode(ids) == "the fruit of that forbidden tree"
+    assert len(ids) < len("the fruit of that forbidden tree")  # merges happened: it is not bytes
+
+
+def test_load_tokenizer_names_a_folder_without_tokenizer_files(tmp_path):
+    with pytest.raises(RuntimeError, match="could not load the tokenizer"):
+        load_tokenizer(str(tmp_path))

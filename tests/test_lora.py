@@ -382,7 +382,7 @@ def test_layer_refuses_the_wrong_fan_in_fan_out_and_non_linear_bases():
         LoRALinear(conv1d(7, 5), r=2, alpha=2)
     with pytest.raises(ValueError, match="nn.Linear, whose weight is \\(out, in\\): pass fan_in_fan_out=False"):
         LoRALinear(linear(7, 5), r=2, alpha=2, fan_in_fan_out=True)
-    with pytest.raises(TypeError, match="must be nn.Linear or a GPT-2 Conv1D, got LayerNorm"):
+    with pytest.raises(TypeError, match="must be nn.Linear, a GPT-2 Conv1D or a 4-bit linear layer, got LayerNorm"):
         LoRALinear(nn.LayerNorm(7), r=2, alpha=2)
     with pytest.raises(TypeError, match="itself a linear layer"):
         add_lora(linear(7, 5))
