@@ -68,7 +68,7 @@ def setup_source(url: str, branch: str) -> str:
         "\n"
         'if "google.colab" in sys.modules:\n'
         "    subprocess.run(\n"
-        f'        [sys.executable, "-m", "pip", "install", "-q", "lora_edu[hub] @ git+{url}@{branch}"],\n'
+        f'        [sys.executable, "-m", "pip", "install", "-q", "lora_edu[colab] @ git+{url}@{branch}"],\n'
         "        check=True,\n"
         "    )"
     )

@@ -25,3 +25,5 @@ def test_the_book_builds_without_warnings(tmp_path):
         # Citations render author-year and link into the References page.
         text = (html / "book" / page).read_text()
         assert "Hu <em>et al.</em>, 2022" in text and 'href="references.html#' in text, page
+    qlora = (html / "book" / "05_qlora_gpt2.html").read_text()
+    assert "Chen <em>et al.</em>, 2016" in qlora and "exercises/05_qlora_gpt2.ipynb" in qlora

@@ -56,7 +56,7 @@ def test_setup_cell_does_nothing_outside_colab(monkeypatch):
     assert calls == []
     monkeypatch.setitem(sys.modules, "google.colab", object())
     exec(setup_source("https://github.com/o/r", "main"), {})
-    assert "lora_edu[hub] @ git+https://github.com/o/r@main" in calls[0][0]
+    assert "lora_edu[colab] @ git+https://github.com/o/r@main" in calls[0][0]
 
 
 def test_stub_solutions_replaces_each_fence_with_its_hint():

@@ -21,6 +21,7 @@ from lora_edu.checks.nf4_quantization import (
     check_pack_unpack,
     check_quantize_block,
 )
+from lora_edu.checks.qlora_gpt2 import check_fine_tuning_bytes, check_quantize_and_count, check_training_step
 from lora_edu.checks.svd_intuition import check_low_rank_factors, check_low_rank_parameters, check_rank_for_energy
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "check_bits_per_parameter",
     "check_count_lora_parameters",
     "check_cross_entropy",
+    "check_fine_tuning_bytes",
     "check_inject_lora",
     "check_lora_forward",
     "check_loraplus_groups",
@@ -39,7 +41,9 @@ __all__ = [
     "check_nf4_values",
     "check_pack_unpack",
     "check_parameter_count",
+    "check_quantize_and_count",
     "check_quantize_block",
     "check_rank_for_energy",
     "check_sign_descent_step",
+    "check_training_step",
 ]
