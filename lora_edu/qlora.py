@@ -55,7 +55,8 @@ def compute_dtype_for(device: str | torch.device) -> torch.dtype:
     device = torch.device(device)
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # A T4 can *emulate* bfloat16 (slowly), and is_bf16_supported() says yes to that by default.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 # ----------------------------------------------------------------------------------------
@@ -348,7 +349,7 @@ def make_optimizer(
     if paged:
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW(groups, lr=lr, optim_bits=32)
+        return bnb.optim.PagedAdamW32bit(groups, lr=lr)  # QLoRA's "paged_adamw_32bit"
     return torch.optim.AdamW(groups, lr=lr)
 
 

@@ -210,20 +210,13 @@ def test_load_pretrained_refuses_unknown_names_and_incomplete_folders(tmp_path):
         load_pretrained(str(tmp_path))
 
 
-def test_load_pretrained_offline_points_at_the_tiny_model(tmp_path):
+@pytest.mark.parametrize("call, what_ships", [("load_pretrained", "load_tiny()"), ("load_tokenizer", "ByteTokenizer()")])
+def test_loading_from_the_hub_offline_points_at_what_the_package_ships(tmp_path, call, what_ships):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from lora_edu.gpt2 import load_pretrained; load_pretrained('gpt2')"
+    code = f"from lora_edu.gpt2 import {call}; {call}('gpt2')"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "Are you offline?" in result.stderr and "load_tiny()" in result.stderr
-
-
-def test_load_tokenizer_offline_points_at_the_byte_tokenizer(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    code = "from lora_edu.gpt2 import load_tokenizer; load_tokenizer('gpt2')"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "Are you offline?" in result.stderr and "ByteTokenizer()" in result.stderr
+    assert "Are you offline?" in result.stderr and what_ships in result.stderr
 
 
 def test_load_tokenizer_reads_a_saved_folder(tmp_path):

@@ -236,6 +236,13 @@ def test_compute_dtype_for_the_cpu_is_float32():
     assert compute_dtype_for(torch.device("cpu")) == torch.float32
 
 
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_compute_dtype_for_a_gpu_takes_bfloat16_only_where_it_is_native(monkeypatch, native_bf16, expected):
+    # A T4 only emulates bfloat16, and torch.cuda.is_bf16_supported() counts emulation by default.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native_bf16)
+    assert compute_dtype_for("cuda") == expected
+
+
 # ---------------------------------------------------------------------------------------
 # The refusals
 # ---------------------------------------------------------------------------------------
