@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.lora import add_lora
+from lora_edu.lora import add_lora, lora_layers
 from lora_edu.qlora import (
     QLORA_LORA,
     compute_dtype_for,
@@ -97,9 +97,8 @@ def build_ours(method: str, config: GPT2Config, device: str, dtype: torch.dtype)
     if method == "lora_bf16":
         model.to(dtype)  # bfloat16 on a GPU; float32 on the CPU, where bf16 matmuls are slow
         add_lora(model, "all-linear", **QLORA_LORA)
-        for layer in model.modules():  # adapters in float32, as in QLoRA
-            if hasattr(layer, "lora_A"):
-                layer.lora_A.float(), layer.lora_B.float()
+        for layer in lora_layers(model).values():  # adapters in float32, as in QLoRA
+            layer.lora_A.float(), layer.lora_B.float()
         return model, make_optimizer(model, LR, paged=False)
     backend = "bitsandbytes" if method == "qlora_lora_edu_bnb" else "lora_edu"
     quantize_model(model, backend, compute_dtype=dtype)

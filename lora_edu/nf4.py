@@ -443,6 +443,13 @@ def int4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 
 
+def check_compute_dtype(compute_dtype) -> torch.dtype:
+    """The precision a 4-bit layer computes in must be a floating-point dtype."""
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
+    return compute_dtype
+
+
 class _MatmulNF4(torch.autograd.Function):
     """``x @ W.T`` for a frozen NF4 weight, dequantizing it again in backward.
 
@@ -483,8 +490,7 @@ class NF4Linear(nn.Module):
         _check_state(packed, state)
         if len(state.shape) != 2:
             raise ValueError(f"a linear layer's weight is 2-D (out, in), got shape {tuple(state.shape)}")
-        if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-            raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
+        compute_dtype = check_compute_dtype(compute_dtype)
         self.out_features, self.in_features = state.shape
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")

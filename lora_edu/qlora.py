@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lora_edu.lora import LoRALinear, _is_conv1d, is_quantized, lora_layers, merge_lora
-from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4
+from lora_edu.lora import _is_conv1d, _name_matches, is_quantized, lora_layers, merge_lora
+from lora_edu.nf4 import NF4Linear, bits_per_parameter, check_compute_dtype, dequantize_nf4
 
 __all__ = [
     "BACKENDS",
@@ -67,12 +67,6 @@ def compute_dtype_for(device: str | torch.device) -> torch.dtype:
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every 4-bit linear layer in ``model`` (inside LoRA layers too), by module name."""
     return {name: m for name, m in model.named_modules() if is_quantized(m)}
-
-
-def _check_compute_dtype(compute_dtype) -> torch.dtype:
-    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-        raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
-    return compute_dtype
 
 
 def _linear4bit(linear: nn.Linear, blocksize: int, double_quant: bool, compute_dtype: torch.dtype) -> nn.Module:
@@ -125,13 +119,14 @@ def quantize_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
-    compute_dtype = _check_compute_dtype(compute_dtype)
+    compute_dtype = check_compute_dtype(compute_dtype)
     if isinstance(exclude, str):
         exclude = (exclude,)
-    if quantized_layers(model):
+    already = quantized_layers(model)
+    if already:
         raise ValueError(
-            f"model is already quantized ({len(quantized_layers(model))} 4-bit layers, e.g. "
-            f"{next(iter(quantized_layers(model)))!r}); quantizing twice would round the rounded weights again"
+            f"model is already quantized ({len(already)} 4-bit layers, e.g. {next(iter(already))!r}); "
+            "quantizing twice would round the rounded weights again"
         )
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; quantize the base first, then add_lora (QLoRA's order)")
@@ -145,7 +140,7 @@ def quantize_model(
         )
     chosen = [
         name for name, m in model.named_modules()
-        if type(m) is nn.Linear and not any(name == e or name.endswith("." + e) for e in exclude)
+        if type(m) is nn.Linear and not any(_name_matches(name, e) for e in exclude)
     ]
     if not chosen:
         raise ValueError(f"model has no nn.Linear layers to quantize (excluding {list(exclude)})")
