@@ -2,14 +2,15 @@
 #   make book   set up .venv and build the HTML book into _build/html
 #   make test   set up .venv and run every check (what CI runs)
 # Others: make lab (JupyterLab for the exercises), make notebooks (re-execute and
-# re-generate after editing a chapter), make exercises (regenerate exercises/ only).
+# re-generate after editing a chapter), make exercises (regenerate exercises/ only),
+# make gpu (the GPU run, scripts/gpu_check.sh; a CPU rehearsal where there is no GPU).
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book test lab notebooks exercises clean
+.PHONY: setup book test lab notebooks exercises gpu clean
 
 setup: $(STAMP)
 
@@ -42,5 +43,10 @@ notebooks: $(STAMP)
 exercises: $(STAMP)
 	$(BIN)/python scripts/sync_notebooks.py
 
+# On a GPU machine without internet, run `bash scripts/gpu_check.sh` with the system's Python
+# instead (benchmarks/README.md says how); this target is for a GPU machine where make works.
+gpu: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) _build
+	rm -rf $(VENV) _build gpu_results

@@ -1,15 +1,20 @@
 """NF4 quantize and dequantize throughput: lora_edu.nf4 (plain PyTorch) against bitsandbytes.
 
-Both run side by side in one process on the same tensors: weights of 2^20 and 2^24
+All run side by side in one process on the same tensors: weights of 2^20 and 2^24
 values (256 x 4096 and 4096 x 4096), float32 and bfloat16, blocksize 64, with and without
-double quantization. Each timing is the median of several repeats after a warm-up.
-Reported per operation: elements per second, bytes moved per second (what the operation
-must read and write: the weight, the packed bytes and the absmax statistics), and the
-ratio lora_edu / bitsandbytes (above 1: ours is faster). Every configuration also checks
-that the two produced the same bytes. On the CPU always; on CUDA too when a GPU is there.
+double quantization. Dequantizing is timed three ways: ``dequantize_nf4`` (the chapter's
+teaching version), ``dequantize_nf4_fast`` (what ``NF4Linear`` runs) and bitsandbytes'
+kernel. Timings are interleaved (one run of each in turn, then again) and each is the
+median over the repeats, so a busy machine slows all alike. Reported per operation:
+elements per second, bytes moved per second (what the operation must read and write:
+the weight, the packed bytes and the absmax statistics) beside the device's copy
+bandwidth measured in the same run, and the ratios to bitsandbytes (above 1: ours is
+faster). Every configuration also checks that all produced the same bytes and values,
+and the zero-block, tie and partial-block cases are compared on every device.
 
-    python benchmarks/nf4_throughput.py           # writes benchmarks/results/nf4_throughput.json
-    python benchmarks/nf4_throughput.py --quick   # tiny sizes, a smoke test; writes nothing unless --out
+    python benchmarks/nf4_throughput.py                  # CPU: writes results/nf4_throughput.json
+    python benchmarks/nf4_throughput.py --devices cuda   # GPU: writes results/nf4_throughput_cuda.json
+    python benchmarks/nf4_throughput.py --quick          # tiny sizes, a smoke test; writes nothing unless --out
 """
 
 from __future__ import annotations
@@ -25,28 +30,70 @@ from pathlib import Path
 
 import torch
 
-from lora_edu.nf4 import dequantize_nf4, quantize_nf4
+from lora_edu.nf4 import dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
 
-OUT = Path(__file__).resolve().parent / "results" / "nf4_throughput.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = {"cpu": RESULTS / "nf4_throughput.json", "cuda": RESULTS / "nf4_throughput_cuda.json"}
 COMMAND = "python benchmarks/nf4_throughput.py"
 BLOCKSIZE = 64
 FULL = {"shapes": [(256, 4096), (4096, 4096)], "repeats": 7}
 QUICK = {"shapes": [(16, 256), (64, 256)], "repeats": 3}
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns: dict, device: str, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn ``repeats`` times after one warm-up each."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def copy_bandwidth(device: str, numel: int, repeats: int) -> float:
+    """Bytes per second of a float32 copy into an existing buffer (read + write counted)."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def edge_cases(device: str) -> list[dict]:
+    """Do our bytes and values equal bitsandbytes' on its kernel for this device, case by case?"""
+    import bitsandbytes.functional as bnb
+
+    code = nf4_code()
+    midpoints = (code[:-1] + code[1:]) / 2
+    cases = {
+        "all-zero block": torch.zeros(128),
+        "midpoint ties": torch.cat([midpoints, -midpoints, torch.ones(1), torch.zeros(33)]),
+        "partial last block": torch.randn(64 + 37, generator=torch.Generator().manual_seed(1)),
+        "zeros in a partial last block": torch.cat([torch.randn(64), torch.zeros(10)]),
+    }
+    rows = []
+    for name, w in cases.items():
+        for double_quant in (False, True):
+            w = w.to(device)
+            ours = quantize_nf4(w, BLOCKSIZE, double_quant)
+            theirs = bnb.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=double_quant)
+            values = dequantize_nf4_fast(*ours), bnb.dequantize_4bit(*theirs).reshape(w.shape)
+            rows.append({
+                "device": device, "case": name, "double_quant": double_quant,
+                "same_packed_bytes_and_absmax": same_bytes(ours, theirs, double_quant),
+                "differing_bytes": int((ours[0] != theirs[0]).sum()),
+                "same_dequantized_values": torch.equal(*values),
+            })
+    return rows
 
 
 def bytes_moved(numel: int, dtype: torch.dtype, double_quant: bool) -> int:
@@ -69,7 +116,8 @@ def same_bytes(ours, theirs, double_quant: bool) -> bool:
     return torch.equal(state.absmax, bnb_state.absmax)
 
 
-def measure(device: str, shape: tuple[int, int], dtype: torch.dtype, double_quant: bool, repeats: int) -> list[dict]:
+def measure(device: str, shape: tuple[int, int], dtype: torch.dtype, double_quant: bool, repeats: int,
+            copy_bytes_per_second: float) -> list[dict]:
     import bitsandbytes.functional as bnb
 
     numel = shape[0] * shape[1]
@@ -77,36 +125,54 @@ def measure(device: str, shape: tuple[int, int], dtype: torch.dtype, double_quan
     ours = quantize_nf4(w, BLOCKSIZE, double_quant)
     theirs = bnb.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=double_quant)
     exact = same_bytes(ours, theirs, double_quant)
-    dequantized_equal = torch.equal(dequantize_nf4(*ours), bnb.dequantize_4bit(*theirs).reshape(shape))
+    bnb_values = bnb.dequantize_4bit(*theirs).reshape(shape)
+    dequantized_equal = torch.equal(dequantize_nf4(*ours), bnb_values) and torch.equal(dequantize_nf4_fast(*ours), bnb_values)
+
     def bnb_quantize():
         return bnb.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=double_quant)
 
     ops = {
-        "quantize": (lambda: quantize_nf4(w, BLOCKSIZE, double_quant), bnb_quantize),
-        "dequantize": (lambda: dequantize_nf4(*ours), lambda: bnb.dequantize_4bit(*theirs)),
+        "quantize": {"lora_edu": lambda: quantize_nf4(w, BLOCKSIZE, double_quant), "bitsandbytes": bnb_quantize},
+        "dequantize": {"lora_edu": lambda: dequantize_nf4(*ours), "lora_edu_fast": lambda: dequantize_nf4_fast(*ours),
+                       "bitsandbytes": lambda: bnb.dequantize_4bit(*theirs)},
     }
     moved = bytes_moved(numel, dtype, double_quant)
     rows = []
-    for op, (ours_fn, theirs_fn) in ops.items():
+    for op, fns in ops.items():
         row = {
             "device": device, "op": op, "shape": list(shape), "numel": numel, "dtype": str(dtype).removeprefix("torch."),
             "blocksize": BLOCKSIZE, "double_quant": double_quant, "bytes_moved": moved,
+            "copy_bytes_per_second": copy_bytes_per_second,
         }
-        for name, fn in (("lora_edu", ours_fn), ("bitsandbytes", theirs_fn)):
-            seconds = timed(fn, device, repeats)
+        for name, seconds in interleaved_medians(fns, device, repeats).items():
             row[name] = {
                 "median_seconds": seconds, "elements_per_second": numel / seconds, "bytes_per_second": moved / seconds,
             }
-        ratio = row["lora_edu"]["elements_per_second"] / row["bitsandbytes"]["elements_per_second"]
-        row["speed_ratio_lora_edu_over_bitsandbytes"] = ratio
+        theirs_speed = row["bitsandbytes"]["elements_per_second"]
+        row["speed_ratio_lora_edu_over_bitsandbytes"] = row["lora_edu"]["elements_per_second"] / theirs_speed
+        if "lora_edu_fast" in row:
+            row["speed_ratio_lora_edu_fast_over_bitsandbytes"] = row["lora_edu_fast"]["elements_per_second"] / theirs_speed
         row["same_packed_bytes_and_absmax"] = exact
         row["same_dequantized_values"] = dequantized_equal
         rows.append(row)
+        fast = row.get("speed_ratio_lora_edu_fast_over_bitsandbytes")
         print(f"{device} {op:10s} {numel:>9,d} {row['dtype']:8s} dq={double_quant!s:5s} "
-              f"lora_edu {row['lora_edu']['elements_per_second'] / 1e6:9.1f} M/s  "
-              f"bitsandbytes {row['bitsandbytes']['elements_per_second'] / 1e6:9.1f} M/s  "
-              f"ratio {ratio:.2f}  exact={exact and dequantized_equal}", flush=True)
+              f"bitsandbytes {row['bitsandbytes']['bytes_per_second'] / 1e9:6.2f} GB/s  "
+              f"ours/bnb {row['speed_ratio_lora_edu_over_bitsandbytes']:.2f}"
+              + (f"  fast/bnb {fast:.2f}" if fast is not None else "")
+              + f"  exact={exact and dequantized_equal}", flush=True)
     return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per device, the fast dequantize path's speed ratio to bitsandbytes: worst and median."""
+    out = []
+    for device in dict.fromkeys(r["device"] for r in rows):
+        ratios = [r["speed_ratio_lora_edu_fast_over_bitsandbytes"] for r in rows
+                  if r["device"] == device and r["op"] == "dequantize"]
+        out.append({"device": device, "op": "dequantize", "ours": "lora_edu_fast",
+                    "min_speed_ratio": min(ratios), "median_speed_ratio": statistics.median(ratios)})
+    return out
 
 
 def device_description(devices: list[str]) -> str:
@@ -116,34 +182,46 @@ def device_description(devices: list[str]) -> str:
     return cpu
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, a smoke test")
-    parser.add_argument(
-        "--out", type=Path, default=None, help=f"where to write the results (default {OUT}; --quick writes nothing)"
-    )
-    args = parser.parse_args()
+    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
+                        help="where to measure (default: cpu, and cuda when a GPU is there)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write the results (default results/nf4_throughput[_cuda].json; --quick writes nothing)")
+    args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    out = args.out if args.out is not None else (None if args.quick else OUT)
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if "cuda" in devices and not torch.cuda.is_available():
+        parser.error("--devices cuda needs a CUDA GPU")
+    default_out = OUT["cuda"] if "cuda" in devices else OUT["cpu"]
+    out = args.out if args.out is not None else (None if args.quick else default_out)
 
     import bitsandbytes
 
     start = time.time()
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    results = []
+    results, cases, bandwidth = [], [], {}
     for device in devices:
+        bandwidth[device] = copy_bandwidth(device, max(r * c for r, c in plan["shapes"]), plan["repeats"])
+        print(f"{device} copy bandwidth {bandwidth[device] / 1e9:.1f} GB/s (float32, read + write)", flush=True)
+        cases += edge_cases(device)
         for shape in plan["shapes"]:
             for dtype in (torch.float32, torch.bfloat16):
                 for double_quant in (False, True):
-                    results += measure(device, shape, dtype, double_quant, plan["repeats"])
+                    results += measure(device, shape, dtype, double_quant, plan["repeats"], bandwidth[device])
     record = {
         "benchmark": "nf4_throughput",
         "command": COMMAND,
         "config": {
             "quick": args.quick, "blocksize": BLOCKSIZE, "repeats": plan["repeats"], "shapes": plan["shapes"],
-            "statistic": "median", "bytes_moved": "weight + packed 4-bit bytes + absmax statistics",
+            "statistic": "median of interleaved runs",
+            "bytes_moved": "weight + packed 4-bit bytes + absmax statistics",
+            "copy_bandwidth": "float32 copy into an existing buffer, bytes read + written per second",
         },
         "results": results,
+        "summary": summary(results),
+        "copy_bytes_per_second": bandwidth,
+        "edge_cases": cases,
         "device": device_description(devices),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
@@ -151,10 +229,14 @@ def main() -> None:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "wall_seconds": round(time.time() - start),
     }
+    for row in record["summary"]:
+        print(f"{row['device']}: dequantize_nf4_fast / bitsandbytes: worst {row['min_speed_ratio']:.2f}, "
+              f"median {row['median_speed_ratio']:.2f}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out}", file=sys.stderr)
+    return record
 
 
 if __name__ == "__main__":

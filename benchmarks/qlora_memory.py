@@ -234,6 +234,11 @@ def device_description(device: str) -> str:
     return f"{torch.cuda.get_device_name()}; CPU {cpu}" if device == "cuda" else cpu
 
 
+def write(out: Path, record: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model, a few steps: a smoke test")
@@ -248,6 +253,22 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out if args.out is not None else (None if args.quick else OUT[device])
     start = time.time()
     rows = []
+
+    def record_of(rows: list[dict]) -> dict:
+        return {
+            "benchmark": "qlora_memory",
+            "command": COMMAND,
+            "config": {**plan, "quick": args.quick, "lora": QLORA_LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM,
+                       "statistic": "median seconds per step over the timed steps",
+                       "peak_memory": "torch.cuda.max_memory_allocated after building the model, over all steps"},
+            "results": rows,
+            "ratios_lora_edu_over_peft": ratios(rows),
+            "device": device_description(device),
+            "versions": versions(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "wall_seconds": round(time.time() - start),
+        }
+
     with tempfile.TemporaryDirectory() as tmp:
         for preset in plan["presets"]:
             folder = Path(tmp) / preset
@@ -256,25 +277,14 @@ def main(argv: list[str] | None = None) -> dict:
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-    record = {
-        "benchmark": "qlora_memory",
-        "command": COMMAND,
-        "config": {**plan, "quick": args.quick, "lora": QLORA_LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM,
-                   "statistic": "median seconds per step over the timed steps",
-                   "peak_memory": "torch.cuda.max_memory_allocated after building the model, over all steps"},
-        "results": rows,
-        "ratios_lora_edu_over_peft": ratios(rows),
-        "device": device_description(device),
-        "versions": versions(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
+                if out is not None:  # after every row, so a run cut short by a time limit keeps what it measured
+                    write(out, record_of(rows))
+    record = record_of(rows)
     for r in record["ratios_lora_edu_over_peft"]:
         print(f"{r['preset']:12s} {r['ours']:20s} tokens/s ratio {r['tokens_per_second_ratio']:.2f}"
               + (f"  peak memory ratio {r['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in r else ""))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
+        write(out, record)
         print(f"wrote {out}", file=sys.stderr)
     return record
 

@@ -68,6 +68,7 @@ __all__ = [
     "dequantize_8bit_blockwise",
     "dequantize_int4",
     "dequantize_nf4",
+    "dequantize_nf4_fast",
     "dynamic_map",
     "fp4_code",
     "int4_roundtrip",
@@ -381,6 +382,52 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     return weight.to(dtype or state.dtype).reshape(state.shape)
 
 
+@functools.cache
+def _nf4_pairs() -> torch.Tensor:
+    # Row b holds the two values byte b encodes: (code[b >> 4], code[b & 0x0F]).
+    code = _nf4_code()
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+
+
+_FAST_CHUNK_BYTES = 2**17  # on the CPU: 256 Ki values, whose float32 temporaries stay in cache
+
+
+def dequantize_nf4_fast(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same values as :func:`dequantize_nf4`, bit for bit, computed faster.
+
+    :func:`dequantize_nf4` splits every byte into two nibbles, widens them to int64 and
+    looks each one up: five passes over the weight and int64 temporaries 16 times the
+    size of the packed bytes. Here one lookup in a 256-row table of pairs decodes both
+    nibbles of a byte at once, the indices are int32, and the block scaling is done in
+    place. On the CPU the weight is processed in chunks of 2^17 bytes, so the float32
+    temporaries stay in cache and the output is written once. :class:`NF4Linear` uses
+    this function; the chapter teaches the other.
+    """
+    _check_state(packed, state)
+    n, blocksize = state.numel, state.blocksize
+    out_dtype = dtype or state.dtype
+    pairs = _nf4_pairs().to(packed.device)
+    absmax = state.block_absmax().to(packed.device).float()
+    packed = packed.reshape(-1)
+    chunk = packed.numel() if packed.is_cuda else _FAST_CHUNK_BYTES  # a multiple of every blocksize / 2
+
+    out = torch.empty(2 * packed.numel(), dtype=out_dtype, device=packed.device)  # an odd n has one spare
+    scratch = None if out_dtype == torch.float32 else torch.empty(2 * min(chunk, packed.numel()), device=packed.device)
+    for start in range(0, packed.numel(), chunk):
+        indices = packed[start : start + chunk].int()
+        target = out[2 * start : 2 * (start + indices.numel())]
+        values = target if scratch is None else scratch[: target.numel()]
+        torch.index_select(pairs, 0, indices, out=values.view(-1, 2))
+        # Scale each block by its absmax; the chunk starts on a block boundary.
+        first_block, whole = 2 * start // blocksize, values.numel() // blocksize
+        values[: whole * blocksize].view(whole, blocksize).mul_(absmax[first_block : first_block + whole, None])
+        if values.numel() % blocksize:  # the last, partial block
+            values[whole * blocksize :].mul_(absmax[first_block + whole])
+        if scratch is not None:
+            target.copy_(values)  # float32 products rounded once, as dequantize_nf4 does
+    return out[:n].view(state.shape)
+
+
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, dq_blocksize: int = DQ_BLOCKSIZE) -> float:
     """Storage per weight in bits: 4 for the index plus the block's share of its absmax.
 
@@ -475,7 +522,7 @@ class _MatmulNF4(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A frozen linear layer whose weight is stored in NF4 and dequantized at every forward.
 
-    ``forward(x) = F.linear(x, W, bias)`` with W = :func:`dequantize_nf4` in
+    ``forward(x) = F.linear(x, W, bias)`` with W = :func:`dequantize_nf4_fast` in
     ``compute_dtype`` (x and bias are cast to it too). The packed weight and its
     quantization state are buffers, not parameters: they move with ``.to()`` and are saved
     in the state dict, but no optimizer sees them. The bias, if any, is a frozen parameter.
@@ -519,7 +566,7 @@ class NF4Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight, (out, in), in ``compute_dtype``."""
-        return dequantize_nf4(self.weight_packed, self.quant_state, dtype=self.compute_dtype)
+        return dequantize_nf4_fast(self.weight_packed, self.quant_state, dtype=self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _MatmulNF4.apply(x.to(self.compute_dtype), self)

@@ -17,6 +17,7 @@ from lora_edu.nf4 import (
     dequantize_8bit_blockwise,
     dequantize_int4,
     dequantize_nf4,
+    dequantize_nf4_fast,
     dynamic_map,
     fp4_code,
     int4_roundtrip,
@@ -264,6 +265,65 @@ def test_dequantize_can_round_once_to_another_dtype():
 
 
 # ---------------------------------------------------------------------------------------
+# The fast dequantize path (what NF4Linear runs) gives the teaching version's values
+# ---------------------------------------------------------------------------------------
+
+FAST_SHAPES = [(1,), (7,), (64,), (65,), (3, 100), (17, 129), (64, 256), (4, 80), (513, 1031)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [2048, None], ids=["small-chunks", "default-chunks"])
+@pytest.mark.parametrize("shape", FAST_SHAPES, ids=str)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fast_dequantize_equals_the_teaching_version(shape, double_quant, chunk_bytes, monkeypatch):
+    import lora_edu.nf4 as nf4
+
+    if chunk_bytes is not None:  # many chunks, with blocks and odd lengths ending inside them
+        monkeypatch.setattr(nf4, "_FAST_CHUNK_BYTES", chunk_bytes)
+    for dtype in DTYPES:
+        w = weight(shape, dtype)
+        for blocksize in (32, 64, 256, 4096):
+            packed, state = quantize_nf4(w, blocksize, double_quant)
+            for out_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+                fast, teaching = dequantize_nf4_fast(packed, state, out_dtype), dequantize_nf4(packed, state, out_dtype)
+                assert fast.shape == teaching.shape == w.shape and fast.dtype == teaching.dtype
+                assert torch.equal(fast, teaching), (dtype, blocksize, out_dtype)
+
+
+def test_fast_dequantize_equals_bitsandbytes_across_chunks():
+    w = weight((600, 1000))  # 600,000 values: three chunks of 2^18, the last one partial
+    for blocksize in (64, 4096):
+        packed, state = quantize_nf4(w, blocksize, True)
+        bnb_packed, bnb_state = bnb.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+        expected = bnb_dequantize_reference(bnb_packed, bnb_state).reshape(w.shape)
+        assert torch.equal(dequantize_nf4_fast(packed, state), expected)
+
+
+def test_fast_dequantize_keeps_zero_blocks_and_edge_levels():
+    w = torch.cat([torch.zeros(64), torch.tensor([1.0, -1.0, 0.0]), torch.zeros(10)])
+    for double_quant in (False, True):
+        packed, state = quantize_nf4(w, 64, double_quant)
+        assert torch.equal(dequantize_nf4_fast(packed, state), dequantize_nf4(packed, state))
+    assert torch.equal(dequantize_nf4_fast(*quantize_nf4(w, 64)), w)
+
+
+def test_nf4_linear_uses_the_fast_path(monkeypatch):
+    import lora_edu.nf4 as nf4
+
+    layer = NF4Linear.from_linear(nn.Linear(64, 8))
+    calls = []
+    monkeypatch.setattr(nf4, "dequantize_nf4_fast", lambda *args, **kw: calls.append(1) or dequantize_nf4(*args, **kw))
+    layer(torch.randn(2, 64))
+    assert calls
+
+
+@given(st.integers(1, 3000), st.sampled_from(BLOCKSIZES), st.booleans(), st.integers(0, 2**31 - 1))
+@PROPERTY
+def test_fast_dequantize_property(numel, blocksize, double_quant, seed):
+    packed, state = quantize_nf4(weight((numel,), seed=seed), blocksize, double_quant)
+    assert torch.equal(dequantize_nf4_fast(packed, state), dequantize_nf4(packed, state))
+
+
+# ---------------------------------------------------------------------------------------
 # Double quantization's 8-bit kernel
 # ---------------------------------------------------------------------------------------
 
@@ -454,6 +514,8 @@ def mismatched(**changes):
     (lambda: dequantize_nf4(*mismatched(shape=torch.Size((4, 65)))), ValueError, "they do not belong together"),
     (lambda: dequantize_nf4(*mismatched(blocksize=32)), ValueError, "state.absmax has 4 values, but shape"),
     (lambda: dequantize_nf4(*mismatched(blocksize=100)), ValueError, "state.blocksize must be a power of two"),
+    (lambda: dequantize_nf4_fast(*mismatched(shape=torch.Size((4, 65)))), ValueError, "they do not belong together"),
+    (lambda: dequantize_nf4_fast(quantize_nf4(torch.ones(8))[0], {"absmax": 1}), TypeError, "state must be an NF4State"),
     (lambda: dequantize_nf4(quantize_nf4(torch.ones(8))[0].float(), quantize_nf4(torch.ones(8))[1]),
      TypeError, "packed must be a uint8"),
     (lambda: dequantize_nf4(quantize_nf4(torch.ones(8))[0], {"absmax": 1}), TypeError, "state must be an NF4State"),

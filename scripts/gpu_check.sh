@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The GPU run, in one call: everything in this project that needs a CUDA GPU.
+#
+#   bash scripts/gpu_check.sh              on a GPU machine: the full run (about 8 minutes on one H100)
+#   bash scripts/gpu_check.sh --rehearse   anywhere: every step in a quick CPU mode (make test runs this)
+#
+# Steps, each under its own time limit, each run even if an earlier one failed:
+#   1. wheels    install the wheels in .whl/ (bitsandbytes; scripts/download_gpu_wheels.sh fetches them)
+#   2. tests     pytest -m cuda: NF4 against bitsandbytes' CUDA kernels, the layers forward and backward
+#   3. nf4       benchmarks/nf4_throughput.py on CUDA: ours, ours fast and bitsandbytes, beside copy bandwidth
+#   4. qlora     benchmarks/qlora_memory.py: peak memory and tokens/s, GPT-2 124M to 1.5B, ours against PEFT
+#   5. latency   benchmarks/lora_latency.py: the LoRA paper's Table 1 setting
+#   6. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
+# Everything lands in $OUT (when set, as on the device machine) or gpu_results/: a log, one JSON per
+# benchmark, the chapters' outcomes and gpu_check.json, the status of every step. Copy the results
+# into benchmarks/results/ and commit them. Exit status: 0 when every step passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=full
+[[ "${1:-}" == "--rehearse" ]] && MODE=rehearse
+PYTHON=${PYTHON:-python3}
+RESULTS=${OUT:-gpu_results}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu_check.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1
+
+if [[ "$MODE" == full ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA GPU here: running the CPU rehearsal instead"
+  MODE=rehearse
+fi
+if [[ "$MODE" == rehearse ]]; then
+  export LORA_EDU_REHEARSE_CUDA=1  # tests/test_cuda.py runs on the CPU
+  QUICK=--quick
+else
+  QUICK=
+fi
+echo "gpu_check: mode $MODE, python $("$PYTHON" --version 2>&1), results in $RESULTS, $(date -u +%FT%TZ)"
+
+STEPS=()
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, record its exit status
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "=== $name (limit ${limit} s): $*"
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@"
+  rc=$?
+  echo "=== $name: exit $rc after $(($(date +%s) - start)) s"
+  STEPS+=("$name $rc $(($(date +%s) - start))")
+}
+
+install_wheels() {
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/lora_edu_site .whl/*.whl || return 1
+    export PYTHONPATH="/tmp/lora_edu_site:$PYTHONPATH"
+  fi
+  "$PYTHON" -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | grep -v kernels-community
+  "$PYTHON" -c "import bitsandbytes" 2>/dev/null \
+    || { echo "bitsandbytes is missing: run scripts/download_gpu_wheels.sh and carry .whl"; return 1; }
+}
+# The wheels change PYTHONPATH, so they are installed in this shell (under the same time limit's spirit).
+echo "=== wheels"
+start=$(date +%s)
+install_wheels
+STEPS+=("wheels $? $(($(date +%s) - start))")
+"$PYTHON" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
+  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+
+step tests 90 "$PYTHON" -m pytest -m cuda tests -q -o addopts= -p no:cacheprovider --junitxml="$RESULTS/pytest_cuda.xml"
+if [[ "$MODE" == full ]]; then
+  step nf4 50 "$PYTHON" benchmarks/nf4_throughput.py --devices cuda --out "$RESULTS/nf4_throughput_cuda.json"
+  # The 1.5B shape first: its QLoRA peak memory (the T4 question) matters most if time runs out.
+  step qlora 200 "$PYTHON" benchmarks/qlora_memory.py --presets gpt2-xl gpt2 gpt2-medium gpt2-large \
+    --out "$RESULTS/qlora_memory.json"
+  step latency 45 "$PYTHON" benchmarks/lora_latency.py --out "$RESULTS/lora_latency.json"
+  step chapters 110 "$PYTHON" scripts/run_notebooks_as_scripts.py --budget 80 \
+    --summary "$RESULTS/chapters_cuda.json" \
+    book/05_qlora_gpt2.ipynb book/02_lora_from_scratch.ipynb book/00_meet_the_model.ipynb \
+    book/01_svd_intuition.ipynb book/03_lora_plus.ipynb
+else
+  step nf4 120 "$PYTHON" benchmarks/nf4_throughput.py --quick --devices cpu --out "$RESULTS/nf4_throughput_cuda.json"
+  step qlora 300 "$PYTHON" benchmarks/qlora_memory.py --quick --out "$RESULTS/qlora_memory.json"
+  step latency 120 "$PYTHON" benchmarks/lora_latency.py --quick --out "$RESULTS/lora_latency.json"
+  # nbval executes every chapter on the CPU already; here the runner parses every cell.
+  step chapters 60 "$PYTHON" scripts/run_notebooks_as_scripts.py --compile-only \
+    --summary "$RESULTS/chapters_cuda.json" book/*.ipynb solutions/*.ipynb
+fi
+
+"$PYTHON" - "$RESULTS/gpu_check.json" "$MODE" "${STEPS[@]}" <<'PY'
+import json, platform, subprocess, sys
+from datetime import datetime, timezone
+
+import torch
+
+out, mode, *steps = sys.argv[1:]
+commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+record = {
+    "benchmark": "gpu_check", "command": "bash scripts/gpu_check.sh", "mode": mode,
+    "results": [{"step": s, "exit_status": int(rc), "seconds": int(sec)} for s, rc, sec in (x.split() for x in steps)],
+    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})",
+    "versions": {"python": platform.python_version(), "torch": torch.__version__},
+    "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+}
+open(out, "w").write(json.dumps(record, indent=1) + "\n")
+for r in record["results"]:
+    print(f"{r['step']:9s} {'passed' if r['exit_status'] == 0 else 'FAILED (exit %d)' % r['exit_status']:18s} {r['seconds']:4d} s")
+sys.exit(any(r["exit_status"] for r in record["results"]))
+PY

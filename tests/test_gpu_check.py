@@ -1,0 +1,162 @@
+"""scripts/gpu_check.sh, rehearsed on the CPU: every step of the GPU run must work before a GPU is lent.
+
+The rehearsal runs once per test session (about a minute); the tests below read what it wrote.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["wheels", "tests", "nf4", "qlora", "latency", "chapters"]
+
+
+@pytest.fixture(scope="session")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--rehearse"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return done, out
+
+
+def read(out: Path, name: str) -> dict:
+    return json.loads((out / name).read_text())
+
+
+def test_every_step_runs_and_passes(rehearsal):
+    done, out = rehearsal
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = read(out, "gpu_check.json")
+    assert record["mode"] == "rehearse"
+    assert [r["step"] for r in record["results"]] == STEPS
+    assert all(r["exit_status"] == 0 for r in record["results"])
+    assert (out / "gpu_check.log").read_text().count("=== ") >= len(STEPS)
+
+
+def test_the_cuda_tests_ran_on_the_cpu_and_none_was_skipped(rehearsal):
+    _, out = rehearsal
+    report = (out / "pytest_cuda.xml").read_text()
+    suite = report[report.index("<testsuite "):].split(">", 1)[0]
+    attributes = dict(part.split("=", 1) for part in suite.split()[1:] if "=" in part)
+    tests, skipped = (int(attributes[k].strip('"')) for k in ("tests", "skipped"))
+    assert tests >= 20 and skipped == 0
+
+
+def test_every_results_file_says_where_when_and_with_what(rehearsal):
+    _, out = rehearsal
+    for name in ("nf4_throughput_cuda.json", "qlora_memory.json", "lora_latency.json", "gpu_check.json"):
+        record = read(out, name)
+        for key in ("benchmark", "command", "device", "versions", "date", "results"):
+            assert record.get(key), f"{name} lacks {key!r}"
+
+
+def test_nf4_rehearsal_is_byte_exact_and_measures_the_fast_path(rehearsal):
+    _, out = rehearsal
+    record = read(out, "nf4_throughput_cuda.json")
+    rows = record["results"]
+    assert rows and all(r["same_packed_bytes_and_absmax"] and r["same_dequantized_values"] for r in rows)
+    assert all("lora_edu_fast" in r for r in rows if r["op"] == "dequantize")
+    assert record["copy_bytes_per_second"]["cpu"] > 0
+    assert record["edge_cases"] and all(c["same_packed_bytes_and_absmax"] for c in record["edge_cases"])
+
+
+def test_qlora_rehearsal_measures_what_the_chapter_claims(rehearsal):
+    """The GPU benchmark at the tiny size, on this machine: every method runs and is measured."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import qlora_memory as benchmark
+
+    _, out = rehearsal
+    record = read(out, "qlora_memory.json")
+    rows = {row["method"]: row for row in record["results"]}
+    assert set(rows) == set(benchmark.METHODS)
+    assert not [m for m, row in rows.items() if "skipped" in row]
+    assert all(row["tokens_per_second"] > 0 for row in rows.values())
+    full, qlora, peft = rows["full"], rows["qlora_lora_edu"], rows["qlora_peft"]
+    # The same adapters and optimizer states, however the QLoRA model was built.
+    assert qlora["trainable_parameters"] == rows["qlora_lora_edu_bnb"]["trainable_parameters"] == peft["trainable_parameters"]
+    assert qlora["optimizer_state_bytes"] == peft["optimizer_state_bytes"]
+    # two float32 states per trainable parameter, plus AdamW's step counters (4 bytes per tensor)
+    assert 0 <= qlora["optimizer_state_bytes"] - 8 * qlora["trainable_parameters"] <= 4 * 64
+    frozen = qlora["weight_bytes"] - 4 * qlora["trainable_parameters"]  # the adapters are float32 parameters
+    assert frozen < full["weight_bytes"] / 4
+    assert qlora["saved_activation_bytes"] < rows["lora_bf16"]["saved_activation_bytes"] / 2  # checkpointing
+    assert abs(qlora["saved_activation_bytes"] / peft["saved_activation_bytes"] - 1) < 0.1
+    assert {r["ours"] for r in record["ratios_lora_edu_over_peft"]} == {"qlora_lora_edu", "qlora_lora_edu_bnb"}
+
+
+def test_latency_rehearsal_times_every_model(rehearsal):
+    _, out = rehearsal
+    rows = read(out, "lora_latency.json")["results"]
+    methods = {r["method"] for r in rows}
+    assert methods == {"base", "lora_merged", "lora_unmerged", "adapter_l", "adapter_h"}
+    assert all(r["median_seconds"] > 0 for r in rows)
+    by = {(r["batch_size"], r["method"]): r for r in rows}
+    # Merged LoRA has no parameters of its own; the unmerged one and the adapters do.
+    assert all(by[b, "lora_merged"]["trainable_parameters"] == 0 < by[b, "lora_unmerged"]["trainable_parameters"]
+               for b, _ in by)
+
+
+def test_the_chapters_step_parses_every_notebook(rehearsal):
+    _, out = rehearsal
+    outcomes = read(out, "chapters_cuda.json")
+    notebooks = sorted(p.name for p in (ROOT / "book").glob("*.ipynb"))
+    assert sorted({o["notebook"] for o in outcomes}) == notebooks
+    assert all(o["status"] == "compiled" for o in outcomes)
+
+
+# ---------------------------------------------------------------------------------------
+# The notebook runner the GPU machine uses in place of Jupyter
+# ---------------------------------------------------------------------------------------
+
+
+def notebook(path: Path, *cells: str) -> Path:
+    path.write_text(json.dumps({
+        "cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# title"]}]
+        + [{"cell_type": "code", "metadata": {}, "source": [c], "outputs": [], "execution_count": None} for c in cells],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5,
+    }))
+    return path
+
+
+def runner(*args):
+    from run_notebooks_as_scripts import main
+
+    return main([str(a) for a in args])
+
+
+def test_runner_runs_cells_in_one_namespace_in_the_notebook_folder(tmp_path):
+    (tmp_path / "data.txt").write_text("42")
+    good = notebook(tmp_path / "good.ipynb", "x = int(open('data.txt').read())", "assert x == 42\ndisplay(x)")
+    summary = tmp_path / "summary.json"
+    assert runner(good, "--summary", summary) == 0
+    assert json.loads(summary.read_text())[0]["status"] == "passed"
+
+
+def test_runner_reports_a_failing_assert_and_goes_on(tmp_path):
+    bad = notebook(tmp_path / "bad.ipynb", "assert 1 + 1 == 3, 'arithmetic'")
+    good = notebook(tmp_path / "good.ipynb", "pass")
+    summary = tmp_path / "summary.json"
+    assert runner(bad, good, "--summary", summary) == 1
+    outcomes = json.loads(summary.read_text())
+    assert [o["status"] for o in outcomes] == ["failed", "passed"]
+    assert "arithmetic" in outcomes[0]["error"]
+
+
+def test_runner_refuses_ipython_syntax_and_respects_its_budget(tmp_path):
+    magic = notebook(tmp_path / "magic.ipynb", "%matplotlib inline")
+    with pytest.raises(ValueError, match="uses IPython syntax"):
+        runner("--compile-only", magic)
+    slow = notebook(tmp_path / "slow.ipynb", "import time; time.sleep(0.2)")
+    summary = tmp_path / "summary.json"
+    assert runner(slow, slow, "--budget", "0.1", "--summary", summary) == 1
+    assert [o["status"] for o in json.loads(summary.read_text())] == ["passed", "not run: time budget spent"]
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "download_gpu_wheels.sh"])
+def test_shell_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)]).returncode == 0
