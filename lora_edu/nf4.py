@@ -384,9 +384,10 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
 
 @functools.cache
 def _nf4_pairs() -> torch.Tensor:
-    # Row b holds the two values byte b encodes: (code[b >> 4], code[b & 0x0F]).
+    # Entry b holds the two float32 values byte b encodes, (code[b >> 4], code[b & 0x0F]),
+    # read as one 8-byte integer: a lookup then copies both at once, as plain bits.
     code = _nf4_code()
-    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)
+    return torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).view(torch.int64).reshape(256)
 
 
 _FAST_CHUNK_BYTES = 2**17  # on the CPU: 256 Ki values, whose float32 temporaries stay in cache
@@ -397,11 +398,12 @@ def dequantize_nf4_fast(packed: torch.Tensor, state: NF4State, dtype: torch.dtyp
 
     :func:`dequantize_nf4` splits every byte into two nibbles, widens them to int64 and
     looks each one up: five passes over the weight and int64 temporaries 16 times the
-    size of the packed bytes. Here one lookup in a 256-row table of pairs decodes both
-    nibbles of a byte at once, the indices are int32, and the block scaling is done in
-    place. On the CPU the weight is processed in chunks of 2^17 bytes, so the float32
-    temporaries stay in cache and the output is written once. :class:`NF4Linear` uses
-    this function; the chapter teaches the other.
+    size of the packed bytes. Here one lookup in a 256-entry table decodes both nibbles
+    of a byte at once (each entry is the pair of float32 values, stored as one 8-byte
+    integer, so the lookup copies 8 bytes per byte of input), the indices are int32, and
+    the block scaling is done in place. On the CPU the weight is processed in chunks of
+    2^17 bytes, so the float32 temporaries stay in cache and the output is written once.
+    :class:`NF4Linear` uses this function; the chapter teaches the other.
     """
     _check_state(packed, state)
     n, blocksize = state.numel, state.blocksize
@@ -417,7 +419,7 @@ def dequantize_nf4_fast(packed: torch.Tensor, state: NF4State, dtype: torch.dtyp
         indices = packed[start : start + chunk].int()
         target = out[2 * start : 2 * (start + indices.numel())]
         values = target if scratch is None else scratch[: target.numel()]
-        torch.index_select(pairs, 0, indices, out=values.view(-1, 2))
+        torch.index_select(pairs, 0, indices, out=values.view(torch.int64))  # both nibbles of each byte
         # Scale each block by its absmax; the chunk starts on a block boundary.
         first_block, whole = 2 * start // blocksize, values.numel() // blocksize
         values[: whole * blocksize].view(whole, blocksize).mul_(absmax[first_block : first_block + whole, None])
