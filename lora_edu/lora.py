@@ -109,6 +109,9 @@ class LoRALinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.merged = False
+        # Born in the mode of the layer it wraps: a LoRA layer added to a model in eval() must
+        # not apply dropout (PEFT's from_pretrained also returns a model in eval mode).
+        self.train(base_layer.training)
 
     @property
     def dropout(self) -> float:

@@ -90,6 +90,12 @@ def hf_gpt2():
     return small_hf_gpt2()
 
 
+def logits(model, idx):
+    """The logits of our GPT2 or of a Hugging Face model."""
+    out = model(idx)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
 # --- the layer ---
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
@@ -603,3 +609,22 @@ def test_an_adapter_from_hf_gpt2_loads_into_our_gpt2(tmp_path):
     load_adapter(ours.eval(), tmp_path)
     idx = tokens()
     torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- the mode of new layers (issue 13) ---
+
+@pytest.mark.parametrize("make_model", [small_gpt2, hf_gpt2], ids=["ours", "hf"])
+def test_new_lora_layers_take_the_mode_of_the_model(tmp_path, make_model):
+    """add_lora and load_adapter on a model in eval(): no dropout, the same output each call."""
+    model = add_lora(make_model(), ["c_proj"], dropout=0.1)  # make_model() is in eval mode
+    randomize(model)  # B = 0 would hide the dropout
+    assert not any(m.training for m in model.modules())
+    idx = tokens()
+    assert torch.equal(logits(model, idx), logits(model, idx))
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(make_model(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    assert torch.equal(logits(loaded, idx), logits(model, idx))
+    # ... and a model in training mode gets layers in training mode.
+    training = add_lora(make_model().train(), ["c_proj"], dropout=0.1)
+    assert all(m.training for m in training.modules())
