@@ -93,6 +93,11 @@ class LoRALinear(nn.Module):
             device, dtype = packed.device, torch.float32
         else:
             weight = base_layer.weight
+            if not weight.is_floating_point():  # nn.Linear(dtype=int) would fail deep in PyTorch
+                raise TypeError(
+                    f"base_layer's weight must be floating-point (A and B take its dtype and are trained), "
+                    f"got {weight.dtype}; for a 4-bit base use NF4Linear or bitsandbytes' Linear4bit"
+                )
             out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
             device, dtype = weight.device, weight.dtype
         self.base_layer = base_layer
@@ -231,11 +236,21 @@ def add_lora(
     not_linear = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _is_linear(modules[n])]
     if not_linear:
         raise TypeError(f"LoRA wraps linear layers, but these targets are not: {', '.join(not_linear)}")
+    # Build every layer before replacing any, so that a refusal leaves the model as it was
+    # (LoRALinear freezes its base: those flags are put back too).
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = {}
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         base = modules[name]
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout, fan_in_fan_out=_is_conv1d(base), use_rslora=use_rslora))
+        try:
+            wrapped[name] = LoRALinear(base, r, alpha, dropout, fan_in_fan_out=_is_conv1d(base), use_rslora=use_rslora)
+        except TypeError as err:
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            raise TypeError(f"{name}: {err}; the model was left unchanged") from None
+    for name, layer in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
     mark_only_lora_trainable(model)
     return model
 

@@ -394,6 +394,19 @@ def test_layer_refuses_the_wrong_fan_in_fan_out_and_non_linear_bases():
         add_lora(linear(7, 5))
 
 
+def test_an_integer_weight_gets_a_clear_error_and_the_model_is_left_alone():
+    """Not PyTorch's "Only Tensors of floating point ... can require gradients"."""
+    int_layer = nn.Linear(4, 4)
+    int_layer.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="base_layer's weight must be floating-point .*got torch.int8"):
+        LoRALinear(int_layer, r=2, alpha=2)
+    model = nn.Sequential(nn.Linear(4, 4), int_layer)  # the float layer comes first
+    with pytest.raises(TypeError, match=r"^1: base_layer's weight must be .*int8.*the model was left unchanged"):
+        add_lora(model, "all-linear", exclude=())
+    assert lora_layers(model) == {} and type(model[0]) is nn.Linear
+    assert model[0].weight.requires_grad
+
+
 # --- merge_lora ---
 
 @pytest.mark.parametrize("make_model", [small_gpt2, hf_gpt2], ids=["ours", "hf"])
