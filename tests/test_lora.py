@@ -611,6 +611,72 @@ def test_load_adapter_refuses_what_lora_linear_cannot_represent(tmp_path):
         (tmp_path / "a" / "adapter_config.json").write_text(original)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(layers_to_transform=[0]), r"layers_to_transform=\[0\] \(LoRA on some layers only\)"),
+        (dict(layers_to_transform=1, layers_pattern="h"), r"layers_to_transform=1 "),
+        (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
+        (dict(bias="lora_only"), r"bias='lora_only' \(trained biases\)"),
+        (dict(bias="all"), r"bias='all'"),
+        (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' \(an initialisation that changes"),
+        (dict(lora_bias=True), r"lora_bias=True"),
+        (dict(trainable_token_indices=[1, 2]), r"trainable_token_indices=\[1, 2\]"),
+        (dict(some_future_option={"on": 1}), r"some_future_option=\{'on': 1\}"),
+        (dict(rank_pattern={"c_fc": 2}, use_dora=True), r"rank_pattern=.*; use_dora=True"),
+    ],
+)
+def test_every_unsupported_peft_option_is_named_and_the_model_left_unchanged(tmp_path, changes, message):
+    save_adapter(adapted(), tmp_path)
+    edit_config(tmp_path, **changes)
+    idx = tokens()
+    for model in (small_gpt2(0), adapted(seed=5)):  # without and with LoRA layers already there
+        before = model(idx)
+        with pytest.raises(ValueError, match=message + ".*which lora_edu does not support; the model was left unchanged"):
+            load_adapter(model, tmp_path)
+        assert torch.equal(model(idx), before)
+    assert_untouched(small_gpt2(0), small_gpt2(0))
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_initialisations_that_leave_the_base_alone_load(tmp_path, init):
+    save_adapter(adapted(), tmp_path)
+    edit_config(tmp_path, init_lora_weights=init, layers_pattern=None, qalora_group_size=16,
+                megatron_core="megatron.core", loftq_config={}, modules_to_save=None, bias="none")
+    idx = tokens()
+    assert torch.equal(load_adapter(small_gpt2(0), tmp_path)(idx), adapted()(idx))
+
+
+@pytest.mark.parametrize(
+    "exclude_modules, expected_out",
+    [
+        (["lm_head"], []),
+        (["lm_head", "h.1.mlp.c_fc"], ["transformer.h.1.mlp.c_fc"]),
+        ("lm_head|.*\\.attn\\.c_proj", ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]),
+    ],
+)
+def test_load_adapter_honours_exclude_modules(tmp_path, exclude_modules, expected_out):
+    """PEFT's all-linear on a model that is not a Hugging Face one lists lm_head too and
+    leaves it out with exclude_modules: the adapter has no lm_head factors."""
+    source = add_lora(small_gpt2(0), sorted(set(ALL_LINEAR) - set(expected_out)), r=4, alpha=8)
+    randomize(source)
+    save_adapter(source, tmp_path)
+    edit_config(tmp_path, target_modules=[*ALL_LINEAR, "lm_head"], exclude_modules=exclude_modules)
+    model = load_adapter(small_gpt2(0), tmp_path)
+    assert sorted(lora_layers(model)) == sorted(set(ALL_LINEAR) - set(expected_out))
+    idx = tokens()
+    assert torch.equal(model(idx), source(idx))
+
+
+def test_an_exclude_modules_that_leaves_nothing_is_refused(tmp_path):
+    save_adapter(adapted(targets=["c_attn"]), tmp_path)
+    edit_config(tmp_path, target_modules=["c_attn"], exclude_modules=["attn.c_attn"])
+    model = small_gpt2(0)
+    with pytest.raises(ValueError, match=r"every module that \['c_attn'\] matches is excluded by \['attn.c_attn'\]"):
+        load_adapter(model, tmp_path)
+    assert_untouched(model, small_gpt2(0))
+
+
 def test_an_adapter_from_hf_gpt2_loads_into_our_gpt2(tmp_path):
     """Conv1D (fan_in_fan_out) on one side, nn.Linear on the other: A and B are the same."""
     hf = add_lora(hf_gpt2(), r=4, alpha=8)
