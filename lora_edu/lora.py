@@ -235,6 +235,7 @@ def add_lora(
         exclude = (exclude,)
     _check_targets(targets)
     _add_lora(model, targets, tuple(exclude) if targets == "all-linear" else (), r, alpha, dropout, use_rslora)
+    model._lora_targets = (targets, None)  # for save_adapter's target_modules
     return model
 
 
@@ -342,8 +343,45 @@ def _shared_setting(layers: dict[str, LoRALinear], attribute: str):
     return values.pop()
 
 
+def _as_before_lora(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules as add_lora saw them: each LoRA layer stands for its base, insides hidden."""
+    modules, inside = {}, None
+    for name, m in model.named_modules():  # parents come before their children
+        if not name or (inside and name.startswith(inside)):
+            continue
+        inside = name + "." if isinstance(m, LoRALinear) else inside
+        modules[name] = m.base_layer if isinstance(m, LoRALinear) else m
+    return modules
+
+
+def _targets_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[list[str] | str, object]:
+    """``target_modules`` and ``exclude_modules`` for adapter_config.json.
+
+    As the user gave them to add_lora (or as the loaded adapter had them), as PEFT writes
+    them, if they still choose exactly these layers; else the full names of the layers.
+    "all-linear" is written as the full names, as PEFT does: on a Hugging Face model PEFT
+    also leaves out the output head, on others not, so the names are the safe form.
+    """
+    given = getattr(model, "_lora_targets", None)
+    if given is not None and given[0] != "all-linear":
+        targets, exclude = given
+        chosen, unmatched = _select(_as_before_lora(model), targets, exclude or ())
+        if not unmatched and set(chosen) == set(layers):
+            return targets, exclude
+    return sorted(layers), None
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
+    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+    The config reads like PEFT's: ``target_modules`` as given to :func:`add_lora` (a list
+    of names or a regex; "all-linear" as the full names it chose, as PEFT writes it),
+    ``base_model_name_or_path`` from the argument or else from the model, where it knows
+    its origin (``model.name_or_path``: Hugging Face models, and our GPT2 from
+    ``load_pretrained`` or ``load_checkpoint``), and ``task_type`` "CAUSAL_LM" only for a
+    model PEFT can wrap as one (it needs ``prepare_inputs_for_generation``; our GPT2 has
+    none, and ``PeftModel.from_pretrained`` loads it as a plain PeftModel).
+    """
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
@@ -351,16 +389,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ValueError("model has no LoRA layers to save; call add_lora first")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("unmerge the LoRA layers before saving: a merged adapter lives in the base weights")
+    targets, exclude = _targets_to_save(model, layers)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
         "r": _shared_setting(layers, "r"),
         "lora_alpha": _shared_setting(layers, "alpha"),
         "lora_dropout": _shared_setting(layers, "dropout"),
         "use_rslora": _shared_setting(layers, "use_rslora"),
         "fan_in_fan_out": _shared_setting(layers, "fan_in_fan_out"),
-        "target_modules": sorted(layers),  # full names: exactly these modules, nothing more
+        "target_modules": targets,
+        "exclude_modules": exclude,
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -454,6 +494,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         exclude = rf"(?:{exclude})|(?:.*\.)?lm_head" if isinstance(exclude, str) else (*exclude, "lm_head")
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     _add_lora(model, targets, exclude, dropout=config.get("lora_dropout", 0.0), **settings)
+    model._lora_targets = (config["target_modules"], config.get("exclude_modules"))
     try:
         _load_into_layers(model, lora_layers(model), settings, directory)
     except Exception:

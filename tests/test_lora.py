@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from hf_models import small_hf_gpt2
-from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf
+from lora_edu.gpt2 import GPT2, GPT2Config, load_checkpoint, save_checkpoint, state_dict_from_hf
 from lora_edu.lora import (
     LoRALinear,
     add_lora,
@@ -484,7 +484,7 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["peft_type"] == "LORA" and config["task_type"] is None  # see the adapter_config tests
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.1)
     assert config["use_rslora"] is True and config["fan_in_fan_out"] is False and config["bias"] == "none"
     assert config["target_modules"] == sorted(ALL_LINEAR)
@@ -707,3 +707,61 @@ def test_new_lora_layers_take_the_mode_of_the_model(tmp_path, make_model):
     # ... and a model in training mode gets layers in training mode.
     training = add_lora(make_model().train(), ["c_proj"], dropout=0.1)
     assert all(m.training for m in training.modules())
+
+
+# --- adapter_config.json reads like PEFT's (issue 13) ---
+
+def saved_config(model, directory, **kwargs):
+    save_adapter(model, directory, **kwargs)
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "targets, written",
+    [
+        (["c_attn", "mlp.c_proj"], ["c_attn", "mlp.c_proj"]),
+        (r".*\.h\.1\..*c_fc", r".*\.h\.1\..*c_fc"),
+        ("all-linear", sorted(ALL_LINEAR)),  # PEFT too writes all-linear as the names it chose
+    ],
+)
+def test_target_modules_are_written_as_given(tmp_path, targets, written):
+    model = adapted(targets=targets)
+    config = saved_config(model, tmp_path)
+    assert config["target_modules"] == written and config["exclude_modules"] is None
+    # ... and choose the same layers when loaded.
+    idx = tokens()
+    reloaded = load_adapter(small_gpt2(0), tmp_path)
+    assert sorted(lora_layers(reloaded)) == sorted(lora_layers(model))
+    assert torch.equal(reloaded(idx), model(idx))
+
+
+def test_targets_that_no_longer_describe_the_layers_are_written_as_full_names(tmp_path):
+    model = adapted(targets=["c_attn"])
+    block = model.transformer.h[0]
+    block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r=4, alpha=8)  # wrapped by hand, after add_lora
+    config = saved_config(model, tmp_path)
+    assert config["target_modules"] == sorted(lora_layers(model))
+
+
+def test_a_loaded_adapter_is_saved_again_with_its_own_targets(tmp_path):
+    save_adapter(adapted(), tmp_path / "a")
+    edit_config(tmp_path / "a", target_modules=[*ALL_LINEAR, "lm_head"], exclude_modules=["lm_head"])
+    config = saved_config(load_adapter(small_gpt2(0), tmp_path / "a"), tmp_path / "b")
+    assert config["target_modules"] == [*ALL_LINEAR, "lm_head"] and config["exclude_modules"] == ["lm_head"]
+
+
+def test_task_type_and_base_model_name_or_path(tmp_path):
+    """CAUSAL_LM only for a model PEFT can wrap as one (ours has no prepare_inputs_for_generation);
+    the base model's origin when the model knows it."""
+    ours = adapted()
+    assert saved_config(ours, tmp_path / "a")["task_type"] is None
+    assert saved_config(ours, tmp_path / "a")["base_model_name_or_path"] is None  # built, not loaded
+    assert saved_config(ours, tmp_path / "a", base_model_name_or_path="x")["base_model_name_or_path"] == "x"
+    save_checkpoint(small_gpt2(0), tmp_path / "base.safetensors")
+    loaded = add_lora(load_checkpoint(tmp_path / "base.safetensors"))
+    assert saved_config(loaded, tmp_path / "b")["base_model_name_or_path"] == str(tmp_path / "base.safetensors")
+
+    hf = add_lora(hf_gpt2())
+    assert saved_config(hf, tmp_path / "c")["task_type"] == "CAUSAL_LM"
+    hf.name_or_path = "openai-community/gpt2"  # what from_pretrained records (and PEFT reads)
+    assert saved_config(hf, tmp_path / "c")["base_model_name_or_path"] == "openai-community/gpt2"

@@ -136,3 +136,22 @@ def test_a_peft_all_linear_adapter_with_exclude_modules_loads_here(tmp_path, idx
     }
     assert set(lora_layers(ours)) == wrapped
     torch.testing.assert_close(ours(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["c_attn", "mlp.c_proj"], r".*\.1\.mlp\.c_fc"])
+def test_an_adapter_of_our_gpt2_loads_in_peft_on_our_gpt2(tmp_path, idx, targets):
+    """Our GPT2 is no transformers model: PEFT wraps it as a plain PeftModel, which a
+    task_type of CAUSAL_LM would break (it needs prepare_inputs_for_generation)."""
+    hf = small_hf_gpt2()
+    ours = add_lora(ours_from(hf), targets, r=4, alpha=8)
+    randomize([p for layer in lora_layers(ours).values() for p in (layer.lora_A.weight, layer.lora_B.weight)], seed=5)
+    save_adapter(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(ours_from(hf), tmp_path)
+    assert not any(m.training for m in peft_model.modules())
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert wrapped == set(lora_layers(ours))
+    torch.testing.assert_close(peft_model(idx), ours(idx), atol=1e-5, rtol=1e-5)
