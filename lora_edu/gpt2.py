@@ -163,6 +163,7 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
         self._checkpoint_reentrant = False
+        self.name_or_path: str | None = None  # where the weights came from, as Hugging Face models say
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -327,6 +328,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     config = GPT2Config(**{k: v for k, v in json.loads(metadata["config"]).items() if k in known})
     model = GPT2(config)
     _load_state(model, load_file(str(path)), source=str(path))
+    model.name_or_path = str(path)
     return model.to(device).eval()
 
 
@@ -394,6 +396,7 @@ def load_pretrained(name_or_path: str = "gpt2", device: str | torch.device = "cp
     config = GPT2Config.from_hf_config(json.loads(Path(config_file).read_text()))
     model = GPT2(config)
     _load_state(model, state_dict_from_hf(load_file(str(weights_file))), source=str(weights_file))
+    model.name_or_path = name_or_path
     return model.to(device).eval()
 
 

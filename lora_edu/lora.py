@@ -93,6 +93,11 @@ class LoRALinear(nn.Module):
             device, dtype = packed.device, torch.float32
         else:
             weight = base_layer.weight
+            if not weight.is_floating_point():  # nn.Linear(dtype=int) would fail deep in PyTorch
+                raise TypeError(
+                    f"base_layer's weight must be floating-point (A and B take its dtype and are trained), "
+                    f"got {weight.dtype}; for a 4-bit base use NF4Linear or bitsandbytes' Linear4bit"
+                )
             out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
             device, dtype = weight.device, weight.dtype
         self.base_layer = base_layer
@@ -109,6 +114,9 @@ class LoRALinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.merged = False
+        # Born in the mode of the layer it wraps: a LoRA layer added to a model in eval() must
+        # not apply dropout (PEFT's from_pretrained also returns a model in eval mode).
+        self.train(base_layer.training)
 
     @property
     def dropout(self) -> float:
@@ -178,6 +186,32 @@ def _is_lora_key(key: str) -> bool:
     return "lora_A" in parts or "lora_B" in parts
 
 
+def _matches(name: str, patterns: str | list[str] | tuple[str, ...]) -> bool:
+    """PEFT's rule for ``target_modules`` and ``exclude_modules``: a string is a regular
+    expression over the full name; a list holds full names or their last components."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(_name_matches(name, p) for p in patterns)
+
+
+def _select(modules: dict[str, nn.Module], targets, exclude) -> tuple[list[str], list[str]]:
+    """(names chosen by ``targets`` less ``exclude``, the targets that match nothing)."""
+    if targets == "all-linear":
+        found = [n for n, m in modules.items() if _is_linear(m)]
+        unmatched = []
+    elif isinstance(targets, str):
+        found = [n for n in modules if re.fullmatch(targets, n)]
+        unmatched = [] if found else [targets]
+    else:
+        found = [n for n in modules if any(_name_matches(n, t) for t in targets)]
+        # Every listed name must match: one that matches nothing is almost always a typo.
+        unmatched = [t for t in targets if not any(_name_matches(n, t) for n in modules)]
+    chosen = [n for n in found if not (exclude and _matches(n, exclude))]
+    if targets == "all-linear" and not chosen:
+        unmatched = [targets]
+    return chosen, unmatched
+
+
 def add_lora(
     model: nn.Module,
     targets: str | list[str] = "all-linear",
@@ -194,30 +228,33 @@ def add_lora(
     matched against full names (``r".*\\.h\\.[01]\\.attn\\.c_attn"``), or ``"all-linear"``:
     every nn.Linear and Conv1D except those named in ``exclude`` (the output head by default;
     GPT-2 ties it to the embedding). Afterwards only the LoRA parameters are trainable.
-    Returns ``model``.
+    The new layers take the train/eval mode of the layers they wrap. Returns ``model``;
+    if it refuses, the model is left unchanged.
     """
-    if lora_layers(model):
-        raise ValueError("model already has LoRA layers; add_lora once (or merge_lora first)")
-    if _is_linear(model):  # add_lora replaces children; it cannot replace the model itself
-        raise TypeError("model is itself a linear layer; wrap it directly: LoRALinear(layer, r, alpha)")
     if isinstance(exclude, str):  # a bare string would be iterated letter by letter
         exclude = (exclude,)
+    _check_targets(targets)
+    _add_lora(model, targets, tuple(exclude) if targets == "all-linear" else (), r, alpha, dropout, use_rslora)
+    model._lora_targets = (targets, None)  # for save_adapter's target_modules
+    return model
+
+
+def _check_targets(targets) -> None:
     if not (targets == "all-linear" or isinstance(targets, str) or (
         isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets)
     )):
         raise TypeError(f"targets must be a list of module names, a regex string, or 'all-linear'; got {targets!r}")
+
+
+def _add_lora(model: nn.Module, targets, exclude, r, alpha, dropout, use_rslora) -> None:
+    """add_lora with PEFT's ``exclude_modules`` (names or a regex, for any ``targets``)."""
+    if lora_layers(model):
+        raise ValueError("model already has LoRA layers; add_lora once (or merge_lora first)")
+    if _is_linear(model):  # add_lora replaces children; it cannot replace the model itself
+        raise TypeError("model is itself a linear layer; wrap it directly: LoRALinear(layer, r, alpha)")
     modules = {n: m for n, m in model.named_modules() if n}  # "" is the model itself
     linear = [n for n, m in modules.items() if _is_linear(m)]
-    if targets == "all-linear":
-        chosen = [n for n in linear if not any(_name_matches(n, e) for e in exclude)]
-        unmatched = [] if chosen else [targets]
-    elif isinstance(targets, str):  # a regular expression over the full module name
-        chosen = [n for n in modules if re.fullmatch(targets, n)]
-        unmatched = [] if chosen else [targets]
-    else:
-        chosen = [n for n in modules if any(_name_matches(n, t) for t in targets)]
-        # Every listed name must match: one that matches nothing is almost always a typo.
-        unmatched = [t for t in targets if not any(_name_matches(n, t) for n in modules)]
+    chosen, unmatched = _select(modules, targets, exclude)
     if unmatched:
         available = sorted({n.split(".")[-1] for n in linear})
         example = f" (full names like {linear[0]!r})" if linear else ""
@@ -225,16 +262,27 @@ def add_lora(
             f"no module matches {', '.join(map(repr, unmatched))}; "
             f"the linear layers of this model are named {available}{example}"
         )
+    if not chosen:
+        raise ValueError(f"every module that {targets!r} matches is excluded by {exclude!r}")
     not_linear = [f"{n} ({type(modules[n]).__name__})" for n in chosen if not _is_linear(modules[n])]
     if not_linear:
         raise TypeError(f"LoRA wraps linear layers, but these targets are not: {', '.join(not_linear)}")
+    # Build every layer before replacing any, so that a refusal leaves the model as it was
+    # (LoRALinear freezes its base: those flags are put back too).
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = {}
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         base = modules[name]
-        setattr(parent, child, LoRALinear(base, r, alpha, dropout, fan_in_fan_out=_is_conv1d(base), use_rslora=use_rslora))
+        try:
+            wrapped[name] = LoRALinear(base, r, alpha, dropout, fan_in_fan_out=_is_conv1d(base), use_rslora=use_rslora)
+        except TypeError as err:
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            raise TypeError(f"{name}: {err}; the model was left unchanged") from None
+    for name, layer in wrapped.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
     mark_only_lora_trainable(model)
-    return model
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
@@ -295,8 +343,45 @@ def _shared_setting(layers: dict[str, LoRALinear], attribute: str):
     return values.pop()
 
 
+def _as_before_lora(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules as add_lora saw them: each LoRA layer stands for its base, insides hidden."""
+    modules, inside = {}, None
+    for name, m in model.named_modules():  # parents come before their children
+        if not name or (inside and name.startswith(inside)):
+            continue
+        inside = name + "." if isinstance(m, LoRALinear) else inside
+        modules[name] = m.base_layer if isinstance(m, LoRALinear) else m
+    return modules
+
+
+def _targets_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[list[str] | str, object]:
+    """``target_modules`` and ``exclude_modules`` for adapter_config.json.
+
+    As the user gave them to add_lora (or as the loaded adapter had them), as PEFT writes
+    them, if they still choose exactly these layers; else the full names of the layers.
+    "all-linear" is written as the full names, as PEFT does: on a Hugging Face model PEFT
+    also leaves out the output head, on others not, so the names are the safe form.
+    """
+    given = getattr(model, "_lora_targets", None)
+    if given is not None and given[0] != "all-linear":
+        targets, exclude = given
+        chosen, unmatched = _select(_as_before_lora(model), targets, exclude or ())
+        if not unmatched and set(chosen) == set(layers):
+            return targets, exclude
+    return sorted(layers), None
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
+    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+    The config reads like PEFT's: ``target_modules`` as given to :func:`add_lora` (a list
+    of names or a regex; "all-linear" as the full names it chose, as PEFT writes it),
+    ``base_model_name_or_path`` from the argument or else from the model, where it knows
+    its origin (``model.name_or_path``: Hugging Face models, and our GPT2 from
+    ``load_pretrained`` or ``load_checkpoint``), and ``task_type`` "CAUSAL_LM" only for a
+    model PEFT can wrap as one (it needs ``prepare_inputs_for_generation``; our GPT2 has
+    none, and ``PeftModel.from_pretrained`` loads it as a plain PeftModel).
+    """
     from safetensors.torch import save_file
 
     layers = lora_layers(model)
@@ -304,16 +389,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         raise ValueError("model has no LoRA layers to save; call add_lora first")
     if any(layer.merged for layer in layers.values()):
         raise ValueError("unmerge the LoRA layers before saving: a merged adapter lives in the base weights")
+    targets, exclude = _targets_to_save(model, layers)
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": "CAUSAL_LM" if hasattr(model, "prepare_inputs_for_generation") else None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None) or None,
         "r": _shared_setting(layers, "r"),
         "lora_alpha": _shared_setting(layers, "alpha"),
         "lora_dropout": _shared_setting(layers, "dropout"),
         "use_rslora": _shared_setting(layers, "use_rslora"),
         "fan_in_fan_out": _shared_setting(layers, "fan_in_fan_out"),
-        "target_modules": sorted(layers),  # full names: exactly these modules, nothing more
+        "target_modules": targets,
+        "exclude_modules": exclude,
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -327,12 +414,60 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     return directory
 
 
+# What load_adapter reads from adapter_config.json.
+_ADAPTER_SETTINGS = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules")
+# Keys that change nothing here: where the adapter came from, how PEFT ran, the layout of
+# the base weight (fan_in_fan_out: lora_edu reads it from the layer), and settings used only
+# together with an option refused below (layers_pattern, qalora_group_size, megatron_core).
+_ADAPTER_IGNORED = (
+    "task_type", "base_model_name_or_path", "revision", "auto_mapping", "inference_mode", "peft_version",
+    "fan_in_fan_out", "runtime_config", "layers_pattern", "qalora_group_size", "megatron_core",
+)
+# init_lora_weights values that only choose the starting A and B, which the file replaces;
+# PiSSA, OLoRA, CorDA, LoftQ, ... also change the base weights, which lora_edu cannot redo.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_OPTION_MEANS = {
+    "layers_to_transform": "LoRA on some layers only",
+    "rank_pattern": "per-layer ranks",
+    "alpha_pattern": "per-layer alphas",
+    "modules_to_save": "fully trained copies of other modules",
+    "bias": "trained biases",
+    "use_dora": "DoRA's magnitude vectors",
+    "init_lora_weights": "an initialisation that changes the base weights",
+    "lora_bias": "a trained bias beside lora_B",
+    "trainable_token_indices": "trained embedding rows",
+    "layer_replication": "replicated layers",
+    "target_parameters": "LoRA on parameters, not modules",
+}
+
+
+def _unsupported_options(config: dict) -> list[str]:
+    """Every option of a PEFT LoraConfig that is set to something LoRALinear cannot represent."""
+    unsupported = []
+    for key, value in config.items():
+        if key in _ADAPTER_SETTINGS or key in _ADAPTER_IGNORED:
+            continue
+        if key == "bias":
+            ok = value == "none"
+        elif key == "init_lora_weights":
+            ok = any(value == v and type(value) is type(v) for v in _PLAIN_INITS)
+        else:  # any other option, known or newer than this code, must be off
+            ok = value is None or value is False or value in ("", {}, [])
+        if not ok:
+            means = f" ({_OPTION_MEANS[key]})" if key in _OPTION_MEANS else ""
+            unsupported.append(f"{key}={value!r}{means}")
+    return unsupported
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     """Load a LoRA adapter (ours or PEFT's) into ``model``, adding LoRA layers if it has none.
 
-    Loading a second adapter into a model that already has matching LoRA layers replaces
-    the first: that is how one base model switches between adapters. If the adapter does
-    not fit, the model is left as it was.
+    New LoRA layers go where the adapter's ``target_modules`` and ``exclude_modules`` say,
+    by PEFT's rules, and take the train/eval mode of the layers they wrap. Loading a second
+    adapter into a model that already has matching LoRA layers replaces the first: that is
+    how one base model switches between adapters. PEFT options that LoRALinear cannot
+    represent (``rank_pattern``, ``modules_to_save``, ``bias`` other than "none", DoRA, ...)
+    are refused by name. If the adapter does not fit, the model is left as it was.
     """
     directory = Path(directory)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -341,18 +476,25 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} holds a {config.get('peft_type')!r} adapter, not LORA")
-    # Per-layer ranks or alphas, DoRA: a different model of the update, which LoRALinear is not.
-    unsupported = [k for k in ("rank_pattern", "alpha_pattern", "use_dora") if config.get(k)]
+    unsupported = _unsupported_options(config)
     if unsupported:
-        raise ValueError(f"{directory} uses {', '.join(unsupported)}, which lora_edu does not support")
+        raise ValueError(
+            f"{directory} uses {'; '.join(unsupported)}, which lora_edu does not support; "
+            "the model was left unchanged"
+        )
     settings = {"r": config["r"], "alpha": config["lora_alpha"], "use_rslora": config.get("use_rslora", False)}
     layers = lora_layers(model)
     if layers:
         _load_into_layers(model, layers, settings, directory)
         return model
     # No LoRA layers yet: add them as the adapter says, and take them out again if it does not fit.
+    targets, exclude = config["target_modules"], config.get("exclude_modules") or ()
+    _check_targets(targets)
+    if targets == "all-linear":  # as add_lora (and PEFT on a Hugging Face model) expand it: not the head
+        exclude = rf"(?:{exclude})|(?:.*\.)?lm_head" if isinstance(exclude, str) else (*exclude, "lm_head")
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    add_lora(model, config["target_modules"], dropout=config.get("lora_dropout", 0.0), **settings)
+    _add_lora(model, targets, exclude, dropout=config.get("lora_dropout", 0.0), **settings)
+    model._lora_targets = (config["target_modules"], config.get("exclude_modules"))
     try:
         _load_into_layers(model, lora_layers(model), settings, directory)
     except Exception:

@@ -4,6 +4,11 @@
 groups; ``create_loraplus_optimizer`` builds any torch optimizer from them. Weight
 decay goes exactly where you ask for it: every group that holds matrices gets it, and
 biases and norms never do.
+
+Against PEFT's ``create_loraplus_optimizer`` (and the LoRA+ reference code it comes
+from): A, B and any other trainable matrix get the same rates and decay. Trainable
+vectors (biases, norms) differ on purpose: PEFT puts every 1-D parameter in B's group,
+at ratio * lr; here they stay at lr (see :func:`loraplus_param_groups`).
 """
 
 from __future__ import annotations
@@ -35,31 +40,43 @@ def loraplus_param_groups(
     """Optimizer parameter groups for LoRA+; each group is named under ``"name"``.
 
     - ``lora_A``: every A matrix, at ``lr``, with ``weight_decay``;
-    - ``lora_B``: every B matrix, at ``ratio * lr``, with ``weight_decay``;
-    - ``embedding``: trainable embedding weights, at ``embedding_lr``, with ``weight_decay``;
-    - ``other``: any other trainable matrix, at ``lr``, with ``weight_decay``;
+    - ``lora_B``: every B matrix, at ``ratio * lr`` (eta_B = lambda eta_A), with ``weight_decay``;
+    - ``other``: any other trainable matrix, an unfrozen ``nn.Embedding`` included, at
+      ``lr``, with ``weight_decay``;
     - ``no_decay``: trainable vectors (biases, LayerNorms), at ``lr``, without decay.
 
     ``ratio`` has no default: the LoRA+ authors suggest 2 to 2^4 for their models, but the
     right value depends on the model and the task. It must be >= 1 (B learns faster).
+
+    ``embedding_lr`` means what PEFT's ``loraplus_lr_embedding`` means: the rate of the
+    LoRA factors of a LoRA-*wrapped* embedding. lora_edu wraps only linear layers, so here
+    it applies to no parameter; it is accepted (and checked) so that calls written for
+    PEFT run unchanged. An embedding you unfreeze yourself is not LoRA and trains at ``lr``
+    in ``other``, as in PEFT, not at the tiny ``embedding_lr``.
+
+    Biases and norms: PEFT (and the LoRA+ reference code) put every trainable 1-D
+    parameter in B's group, at ``ratio * lr``. We keep them at ``lr``: the LoRA+ argument
+    is about the two factors of the product B A (B reads A's r features and starts at
+    zero, so it needs the larger steps); a bias or a norm gain is no factor of a product,
+    and the paper's analysis gives no reason to train it ``ratio`` times faster than the
+    rest of the model (16 times, at the authors' default). With trainable biases or norms
+    our steps on them are therefore ``ratio`` times smaller than PEFT's.
     """
     _check_positive("lr", lr)
     _check_positive("ratio", ratio)
     if ratio < 1:
         raise ValueError(f"ratio must be >= 1 (B learns at ratio * lr, at least as fast as A), got {ratio!r}")
     _check_positive("weight_decay", weight_decay, allow_zero=True)
-    _check_positive("embedding_lr", embedding_lr)
+    _check_positive("embedding_lr", embedding_lr)  # no LoRA-wrapped embeddings here: checked, unused
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers; call lora_edu.lora.add_lora first")
 
     a_params = {id(layer.lora_A.weight) for layer in layers.values()}
     b_params = {id(layer.lora_B.weight) for layer in layers.values()}
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups = {
         "lora_A": {"params": [], "lr": lr, "weight_decay": weight_decay},
         "lora_B": {"params": [], "lr": ratio * lr, "weight_decay": weight_decay},
-        "embedding": {"params": [], "lr": embedding_lr, "weight_decay": weight_decay},
         "other": {"params": [], "lr": lr, "weight_decay": weight_decay},
         "no_decay": {"params": [], "lr": lr, "weight_decay": 0.0},
     }
@@ -70,8 +87,6 @@ def loraplus_param_groups(
             name = "lora_A"
         elif id(p) in b_params:
             name = "lora_B"
-        elif id(p) in embedding_params:
-            name = "embedding"
         elif p.dim() >= 2:
             name = "other"
         else:
@@ -91,7 +106,11 @@ def create_loraplus_optimizer(
     embedding_lr: float = 1e-6,
     **kwargs,
 ) -> torch.optim.Optimizer:
-    """``optimizer_cls`` (AdamW, say) over :func:`loraplus_param_groups`; ``kwargs`` go to it."""
+    """``optimizer_cls`` (AdamW, say) over :func:`loraplus_param_groups`; ``kwargs`` go to it.
+
+    ``embedding_lr`` is PEFT's ``loraplus_lr_embedding``, for LoRA-wrapped embeddings
+    (none in lora_edu); see :func:`loraplus_param_groups`.
+    """
     if "params" in kwargs:
         raise TypeError("create_loraplus_optimizer builds the parameter groups itself; do not pass params")
     groups = loraplus_param_groups(model, lr, ratio, weight_decay, embedding_lr)

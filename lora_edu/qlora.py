@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.lora import _is_conv1d, _name_matches, is_quantized, lora_layers, merge_lora
-from lora_edu.nf4 import NF4Linear, bits_per_parameter, check_compute_dtype, dequantize_nf4
+from lora_edu.nf4 import NF4Linear, _check_blocksize, _check_weight, bits_per_parameter, check_compute_dtype, dequantize_nf4
 
 __all__ = [
     "BACKENDS",
@@ -115,7 +115,9 @@ def quantize_model(
 
     ``backend="lora_edu"`` uses :class:`~lora_edu.nf4.NF4Linear`; ``"bitsandbytes"`` uses
     ``bitsandbytes.nn.Linear4bit`` with ``quant_type="nf4"`` (not its default, "fp4").
-    Quantize first, then add LoRA: that is QLoRA's order. Returns ``model``.
+    Quantize first, then add LoRA: that is QLoRA's order. Every weight is checked before
+    any layer is replaced (a NaN or inf is refused, naming the layer, by both backends), so
+    a refusal leaves the model unchanged. Returns ``model``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
@@ -144,11 +146,23 @@ def quantize_model(
     ]
     if not chosen:
         raise ValueError(f"model has no nn.Linear layers to quantize (excluding {list(exclude)})")
+    _check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    # Check every weight, then quantize every layer, then replace them: a refusal leaves the
+    # model as it was. bitsandbytes takes NaN and inf without a word, and double quantization
+    # then spreads them to the whole tensor: both backends refuse them here.
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent_name), child,
-                _quantize_linear(linear, backend, blocksize, double_quant, compute_dtype))
+        try:
+            _check_weight(model.get_submodule(name).weight, f"{name}.weight")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{err}; nothing was quantized, the model was left unchanged") from None
+    quantized = {
+        name: _quantize_linear(model.get_submodule(name), backend, blocksize, double_quant, compute_dtype)
+        for name in chosen
+    }
+    for name, layer in quantized.items():
+        _replace(model, name, layer)
     return model
 
 

@@ -184,7 +184,7 @@ WRONG_LRS = {
     "frozen included": (every_parameter, "does not hold it \\(it is frozen\\)"),
     "group index": (group_index, "the index of its group; give the group.s learning rate"),
     "defaults lr": (lambda opt, model: {n: opt.defaults["lr"] for n in right_lrs(opt, model)}, r"you gave every parameter optimizer\.defaults\['lr'\], which is only the fallback"),
-    "hard-coded": (hard_coded, r"and two groups' lr changed by hand, transformer\.wpe\.weight is in a group with lr 0\.0001, but you gave 0\.001"),
+    "hard-coded": (hard_coded, r"and two groups' lr changed by hand, transformer\.wpe\.weight is in a group with lr 0\.05, but you gave 0\.001"),
     "first group only": (lambda opt, model: dict(list(right_lrs(opt, model).items())[:8]), "missing from your dict"),
     "ids as keys": (lambda opt, model: {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}, "keys should be the parameter names"),
     "prefixed names": (lambda opt, model: {"model." + n: lr for n, lr in right_lrs(opt, model).items()},

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from hf_models import small_hf_gpt2
-from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf
+from lora_edu.gpt2 import GPT2, GPT2Config, load_checkpoint, save_checkpoint, state_dict_from_hf
 from lora_edu.lora import (
     LoRALinear,
     add_lora,
@@ -88,6 +88,12 @@ def tokens(n=2, T=16):
 def hf_gpt2():
     pytest.importorskip("transformers")
     return small_hf_gpt2()
+
+
+def logits(model, idx):
+    """The logits of our GPT2 or of a Hugging Face model."""
+    out = model(idx)
+    return out if isinstance(out, torch.Tensor) else out.logits
 
 
 # --- the layer ---
@@ -388,6 +394,19 @@ def test_layer_refuses_the_wrong_fan_in_fan_out_and_non_linear_bases():
         add_lora(linear(7, 5))
 
 
+def test_an_integer_weight_gets_a_clear_error_and_the_model_is_left_alone():
+    """Not PyTorch's "Only Tensors of floating point ... can require gradients"."""
+    int_layer = nn.Linear(4, 4)
+    int_layer.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="base_layer's weight must be floating-point .*got torch.int8"):
+        LoRALinear(int_layer, r=2, alpha=2)
+    model = nn.Sequential(nn.Linear(4, 4), int_layer)  # the float layer comes first
+    with pytest.raises(TypeError, match=r"^1: base_layer's weight must be .*int8.*the model was left unchanged"):
+        add_lora(model, "all-linear", exclude=())
+    assert lora_layers(model) == {} and type(model[0]) is nn.Linear
+    assert model[0].weight.requires_grad
+
+
 # --- merge_lora ---
 
 @pytest.mark.parametrize("make_model", [small_gpt2, hf_gpt2], ids=["ours", "hf"])
@@ -465,7 +484,7 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["peft_type"] == "LORA" and config["task_type"] is None  # see the adapter_config tests
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.1)
     assert config["use_rslora"] is True and config["fan_in_fan_out"] is False and config["bias"] == "none"
     assert config["target_modules"] == sorted(ALL_LINEAR)
@@ -592,6 +611,72 @@ def test_load_adapter_refuses_what_lora_linear_cannot_represent(tmp_path):
         (tmp_path / "a" / "adapter_config.json").write_text(original)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(layers_to_transform=[0]), r"layers_to_transform=\[0\] \(LoRA on some layers only\)"),
+        (dict(layers_to_transform=1, layers_pattern="h"), r"layers_to_transform=1 "),
+        (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\]"),
+        (dict(bias="lora_only"), r"bias='lora_only' \(trained biases\)"),
+        (dict(bias="all"), r"bias='all'"),
+        (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' \(an initialisation that changes"),
+        (dict(lora_bias=True), r"lora_bias=True"),
+        (dict(trainable_token_indices=[1, 2]), r"trainable_token_indices=\[1, 2\]"),
+        (dict(some_future_option={"on": 1}), r"some_future_option=\{'on': 1\}"),
+        (dict(rank_pattern={"c_fc": 2}, use_dora=True), r"rank_pattern=.*; use_dora=True"),
+    ],
+)
+def test_every_unsupported_peft_option_is_named_and_the_model_left_unchanged(tmp_path, changes, message):
+    save_adapter(adapted(), tmp_path)
+    edit_config(tmp_path, **changes)
+    idx = tokens()
+    for model in (small_gpt2(0), adapted(seed=5)):  # without and with LoRA layers already there
+        before = model(idx)
+        with pytest.raises(ValueError, match=message + ".*which lora_edu does not support; the model was left unchanged"):
+            load_adapter(model, tmp_path)
+        assert torch.equal(model(idx), before)
+    assert_untouched(small_gpt2(0), small_gpt2(0))
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_initialisations_that_leave_the_base_alone_load(tmp_path, init):
+    save_adapter(adapted(), tmp_path)
+    edit_config(tmp_path, init_lora_weights=init, layers_pattern=None, qalora_group_size=16,
+                megatron_core="megatron.core", loftq_config={}, modules_to_save=None, bias="none")
+    idx = tokens()
+    assert torch.equal(load_adapter(small_gpt2(0), tmp_path)(idx), adapted()(idx))
+
+
+@pytest.mark.parametrize(
+    "exclude_modules, expected_out",
+    [
+        (["lm_head"], []),
+        (["lm_head", "h.1.mlp.c_fc"], ["transformer.h.1.mlp.c_fc"]),
+        ("lm_head|.*\\.attn\\.c_proj", ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]),
+    ],
+)
+def test_load_adapter_honours_exclude_modules(tmp_path, exclude_modules, expected_out):
+    """PEFT's all-linear on a model that is not a Hugging Face one lists lm_head too and
+    leaves it out with exclude_modules: the adapter has no lm_head factors."""
+    source = add_lora(small_gpt2(0), sorted(set(ALL_LINEAR) - set(expected_out)), r=4, alpha=8)
+    randomize(source)
+    save_adapter(source, tmp_path)
+    edit_config(tmp_path, target_modules=[*ALL_LINEAR, "lm_head"], exclude_modules=exclude_modules)
+    model = load_adapter(small_gpt2(0), tmp_path)
+    assert sorted(lora_layers(model)) == sorted(set(ALL_LINEAR) - set(expected_out))
+    idx = tokens()
+    assert torch.equal(model(idx), source(idx))
+
+
+def test_an_exclude_modules_that_leaves_nothing_is_refused(tmp_path):
+    save_adapter(adapted(targets=["c_attn"]), tmp_path)
+    edit_config(tmp_path, target_modules=["c_attn"], exclude_modules=["attn.c_attn"])
+    model = small_gpt2(0)
+    with pytest.raises(ValueError, match=r"every module that \['c_attn'\] matches is excluded by \['attn.c_attn'\]"):
+        load_adapter(model, tmp_path)
+    assert_untouched(model, small_gpt2(0))
+
+
 def test_an_adapter_from_hf_gpt2_loads_into_our_gpt2(tmp_path):
     """Conv1D (fan_in_fan_out) on one side, nn.Linear on the other: A and B are the same."""
     hf = add_lora(hf_gpt2(), r=4, alpha=8)
@@ -603,3 +688,80 @@ def test_an_adapter_from_hf_gpt2_loads_into_our_gpt2(tmp_path):
     load_adapter(ours.eval(), tmp_path)
     idx = tokens()
     torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=1e-5)
+
+
+# --- the mode of new layers (issue 13) ---
+
+@pytest.mark.parametrize("make_model", [small_gpt2, hf_gpt2], ids=["ours", "hf"])
+def test_new_lora_layers_take_the_mode_of_the_model(tmp_path, make_model):
+    """add_lora and load_adapter on a model in eval(): no dropout, the same output each call."""
+    model = add_lora(make_model(), ["c_proj"], dropout=0.1)  # make_model() is in eval mode
+    randomize(model)  # B = 0 would hide the dropout
+    assert not any(m.training for m in model.modules())
+    idx = tokens()
+    assert torch.equal(logits(model, idx), logits(model, idx))
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(make_model(), tmp_path)
+    assert not any(m.training for m in loaded.modules())
+    assert torch.equal(logits(loaded, idx), logits(model, idx))
+    # ... and a model in training mode gets layers in training mode.
+    training = add_lora(make_model().train(), ["c_proj"], dropout=0.1)
+    assert all(m.training for m in training.modules())
+
+
+# --- adapter_config.json reads like PEFT's (issue 13) ---
+
+def saved_config(model, directory, **kwargs):
+    save_adapter(model, directory, **kwargs)
+    return json.loads((directory / "adapter_config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "targets, written",
+    [
+        (["c_attn", "mlp.c_proj"], ["c_attn", "mlp.c_proj"]),
+        (r".*\.h\.1\..*c_fc", r".*\.h\.1\..*c_fc"),
+        ("all-linear", sorted(ALL_LINEAR)),  # PEFT too writes all-linear as the names it chose
+    ],
+)
+def test_target_modules_are_written_as_given(tmp_path, targets, written):
+    model = adapted(targets=targets)
+    config = saved_config(model, tmp_path)
+    assert config["target_modules"] == written and config["exclude_modules"] is None
+    # ... and choose the same layers when loaded.
+    idx = tokens()
+    reloaded = load_adapter(small_gpt2(0), tmp_path)
+    assert sorted(lora_layers(reloaded)) == sorted(lora_layers(model))
+    assert torch.equal(reloaded(idx), model(idx))
+
+
+def test_targets_that_no_longer_describe_the_layers_are_written_as_full_names(tmp_path):
+    model = adapted(targets=["c_attn"])
+    block = model.transformer.h[0]
+    block.mlp.c_fc = LoRALinear(block.mlp.c_fc, r=4, alpha=8)  # wrapped by hand, after add_lora
+    config = saved_config(model, tmp_path)
+    assert config["target_modules"] == sorted(lora_layers(model))
+
+
+def test_a_loaded_adapter_is_saved_again_with_its_own_targets(tmp_path):
+    save_adapter(adapted(), tmp_path / "a")
+    edit_config(tmp_path / "a", target_modules=[*ALL_LINEAR, "lm_head"], exclude_modules=["lm_head"])
+    config = saved_config(load_adapter(small_gpt2(0), tmp_path / "a"), tmp_path / "b")
+    assert config["target_modules"] == [*ALL_LINEAR, "lm_head"] and config["exclude_modules"] == ["lm_head"]
+
+
+def test_task_type_and_base_model_name_or_path(tmp_path):
+    """CAUSAL_LM only for a model PEFT can wrap as one (ours has no prepare_inputs_for_generation);
+    the base model's origin when the model knows it."""
+    ours = adapted()
+    assert saved_config(ours, tmp_path / "a")["task_type"] is None
+    assert saved_config(ours, tmp_path / "a")["base_model_name_or_path"] is None  # built, not loaded
+    assert saved_config(ours, tmp_path / "a", base_model_name_or_path="x")["base_model_name_or_path"] == "x"
+    save_checkpoint(small_gpt2(0), tmp_path / "base.safetensors")
+    loaded = add_lora(load_checkpoint(tmp_path / "base.safetensors"))
+    assert saved_config(loaded, tmp_path / "b")["base_model_name_or_path"] == str(tmp_path / "base.safetensors")
+
+    hf = add_lora(hf_gpt2())
+    assert saved_config(hf, tmp_path / "c")["task_type"] == "CAUSAL_LM"
+    hf.name_or_path = "openai-community/gpt2"  # what from_pretrained records (and PEFT reads)
+    assert saved_config(hf, tmp_path / "c")["base_model_name_or_path"] == "openai-community/gpt2"

@@ -111,3 +111,47 @@ def test_add_lora_on_hf_gpt2_matches_peft_for_the_same_a_and_b(tmp_path, idx):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     reloaded = peft.PeftModel.from_pretrained(small_hf_gpt2(), tmp_path).eval()
     torch.testing.assert_close(logits(reloaded, idx), logits(ours, idx), atol=1e-5, rtol=1e-5)
+
+
+# PEFT guesses from the name "lm_head" in target_modules that embeddings might need saving,
+# then finds none on a model that is not a transformers one: both warnings are harmless here.
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`", "ignore:Could not identify embedding layer")
+@pytest.mark.parametrize("exclude_modules", [["lm_head"], ["lm_head", "h.0.mlp.c_fc"], r"lm_head|.*\.0\.attn\..*"])
+def test_a_peft_all_linear_adapter_with_exclude_modules_loads_here(tmp_path, idx, exclude_modules):
+    """PEFT's all-linear spares the output head only on a Hugging Face model; on ours it is
+    listed in target_modules and left out by exclude_modules, which load_adapter must honour."""
+    hf = small_hf_gpt2()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=exclude_modules)
+    peft_model = peft.get_peft_model(ours_from(hf), config).eval()
+    randomize(peft_lora_params(peft_model), seed=4)
+    expected = logits(peft_model, idx)
+    peft_model.save_pretrained(tmp_path)
+    assert "lm_head" in json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+
+    ours = load_adapter(ours_from(hf), tmp_path)
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert set(lora_layers(ours)) == wrapped
+    torch.testing.assert_close(ours(idx), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["c_attn", "mlp.c_proj"], r".*\.1\.mlp\.c_fc"])
+def test_an_adapter_of_our_gpt2_loads_in_peft_on_our_gpt2(tmp_path, idx, targets):
+    """Our GPT2 is no transformers model: PEFT wraps it as a plain PeftModel, which a
+    task_type of CAUSAL_LM would break (it needs prepare_inputs_for_generation)."""
+    hf = small_hf_gpt2()
+    ours = add_lora(ours_from(hf), targets, r=4, alpha=8)
+    randomize([p for layer in lora_layers(ours).values() for p in (layer.lora_A.weight, layer.lora_B.weight)], seed=5)
+    save_adapter(ours, tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(ours_from(hf), tmp_path)
+    assert not any(m.training for m in peft_model.modules())
+    wrapped = {
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
+    assert wrapped == set(lora_layers(ours))
+    torch.testing.assert_close(peft_model(idx), ours(idx), atol=1e-5, rtol=1e-5)

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hf_models import small_hf_gpt2
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.loraplus import create_loraplus_optimizer, loraplus_param_groups
@@ -63,8 +64,8 @@ def test_every_matrix_group_gets_exactly_the_weight_decay_asked_for(weight_decay
     model.transformer.h[0].attn.c_attn.base_layer.weight.requires_grad_(True)
     model.transformer.ln_f.requires_grad_(True)
     groups = by_name(loraplus_param_groups(model, 1e-3, 4, weight_decay=weight_decay))
-    assert set(groups) == {"lora_A", "lora_B", "embedding", "other", "no_decay"}
-    for name in ("lora_A", "lora_B", "embedding", "other"):
+    assert set(groups) == {"lora_A", "lora_B", "other", "no_decay"}
+    for name in ("lora_A", "lora_B", "other"):
         assert "weight_decay" in groups[name] and groups[name]["weight_decay"] == weight_decay, name
     assert groups["no_decay"]["weight_decay"] == 0.0
 
@@ -136,16 +137,57 @@ def test_biases_and_layernorms_trained_by_hand_are_not_decayed():
 
 
 @pytest.mark.parametrize("embedding_lr", [None, 1e-5])
-def test_a_trainable_embedding_gets_its_own_lr(embedding_lr):
+def test_an_unfrozen_embedding_is_not_lora_and_trains_at_lr(embedding_lr):
+    """embedding_lr is for LoRA-wrapped embeddings (PEFT's meaning), not for one unfrozen by
+    hand, which would otherwise learn at 1e-6: as good as frozen."""
     model = lora_model()
     model.transformer.wte.weight.requires_grad_(True)  # tied to lm_head: one parameter, in one group
     kwargs = {} if embedding_lr is None else {"embedding_lr": embedding_lr}
     groups = by_name(loraplus_param_groups(model, 1e-3, 16, weight_decay=0.05, **kwargs))
-    assert set(groups) == {"lora_A", "lora_B", "embedding"}
-    assert [p is model.transformer.wte.weight for p in groups["embedding"]["params"]] == [True]
-    assert groups["embedding"]["lr"] == (1e-6 if embedding_lr is None else embedding_lr)
-    assert groups["embedding"]["weight_decay"] == 0.05
+    assert set(groups) == {"lora_A", "lora_B", "other"}
+    assert [p is model.transformer.wte.weight for p in groups["other"]["params"]] == [True]
+    assert groups["other"]["lr"] == 1e-3 and groups["other"]["weight_decay"] == 0.05
     assert_partition(model, groups.values())
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated")  # PEFT calls it
+def test_the_same_rates_as_peft_but_for_the_vectors_which_stay_at_lr():
+    """Against PEFT's create_loraplus_optimizer, parameter by parameter: every matrix (A, B,
+    an unfrozen embedding) gets PEFT's lr and decay; biases and norms, documented, get lr
+    where PEFT gives ratio * lr."""
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+
+    lr, ratio, decay = 1e-3, 16, 0.05
+    theirs = peft.get_peft_model(
+        small_hf_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    ours = add_lora(small_hf_gpt2(), ["c_attn"], r=4, alpha=8)
+    unfrozen = ["transformer.wte.weight", "transformer.ln_f.weight", "transformer.ln_f.bias",
+                "transformer.h.0.mlp.c_fc.bias"]
+    for model, prefix in ((theirs, "base_model.model."), (ours, "")):
+        named = dict(model.named_parameters())
+        for name in unfrozen:
+            named[prefix + name].requires_grad_(True)
+
+    def rates(optimizer, model, rename):
+        names = {id(p): rename(n) for n, p in model.named_parameters()}
+        return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+    peft_rates = rates(
+        peft_loraplus(theirs, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=decay),
+        theirs, lambda n: n.removeprefix("base_model.model.").replace(".default", ""),
+    )
+    our_rates = rates(create_loraplus_optimizer(ours, torch.optim.AdamW, lr=lr, ratio=ratio, weight_decay=decay),
+                      ours, lambda n: n)
+    assert set(our_rates) == set(peft_rates) and len(our_rates) == 2 * 2 + len(unfrozen)  # 2 layers' A and B
+    params = dict(ours.named_parameters())
+    for name, (their_lr, their_decay) in peft_rates.items():
+        if params[name].dim() >= 2:
+            assert our_rates[name] == (their_lr, their_decay), name
+        else:
+            assert our_rates[name] == (lr, 0.0) and (their_lr, their_decay) == (ratio * lr, 0.0), name
+    assert peft_rates["transformer.wte.weight"] == our_rates["transformer.wte.weight"] == (lr, decay)
 
 
 def test_another_trainable_matrix_trains_at_lr_with_decay():
@@ -208,7 +250,7 @@ def test_works_on_a_hugging_face_gpt2_with_conv1d_layers():
     A, B = a_and_b(model)
     assert ids(groups["lora_A"]["params"]) == ids(A) and ids(groups["lora_B"]["params"]) == ids(B)
     assert groups["lora_B"]["lr"] == 8e-3 and groups["lora_B"]["weight_decay"] == 0.1
-    assert groups["embedding"]["params"] == [model.transformer.wte.weight]
+    assert groups["other"]["params"] == [model.transformer.wte.weight]
     assert ids(groups["no_decay"]["params"]) == ids(model.transformer.ln_f.parameters())
     assert_partition(model, groups.values())
     optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-3, ratio=8, weight_decay=0.1)

@@ -268,6 +268,35 @@ def test_quantize_model_refuses_what_it_cannot_quantize(base):
             quantized(base, compute_dtype=bad)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_refused_by_name_and_nothing_is_quantized(base, backend, bad):
+    """Both backends (bitsandbytes alone would take it, and double quantization would then
+    dequantize the whole tensor to NaN); before any layer is replaced, so a retry works."""
+    model = copy.deepcopy(base)
+    weight = model.transformer.h[1].mlp.c_fc.weight  # a late layer: the earlier ones come first
+    with torch.no_grad():
+        weight[3, 5] = bad
+    message = r"^transformer.h.1.mlp.c_fc.weight has 1 NaN or infinite .*the model was left unchanged"
+    with pytest.raises(ValueError, match=message):
+        quantize_model(model, backend)
+    assert quantized_layers(model) == {}
+    with torch.no_grad():
+        weight[3, 5] = 0.0
+    quantize_model(model, backend)  # fixed, and quantized after all
+    assert sorted(quantized_layers(model)) == BLOCK_LINEAR
+
+
+def test_quantize_model_checks_blocksize_and_weights_before_anything(base):
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="blocksize must be a power of two from 32 to 4096"):
+        quantize_model(model, "bitsandbytes", blocksize=48)
+    model.transformer.h[1].attn.c_proj.weight = nn.Parameter(torch.ones(64, 64, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match=r"^transformer.h.1.attn.c_proj.weight must hold floating-point .*int8"):
+        quantize_model(model)
+    assert quantized_layers(model) == {}
+
+
 def test_the_other_refusals(base):
     with pytest.raises(ValueError, match="no 4-bit layers; call quantize_model first"):
         prepare_for_kbit_training(copy.deepcopy(base))

@@ -231,7 +231,7 @@ def _lr_cases():
     model = _small_lora_model(["c_attn", "c_proj"], r=2)
     for p in (*model.transformer.ln_f.parameters(), model.transformer.wpe.weight):
         p.requires_grad_(True)
-    optimizer = create_loraplus_optimizer(model, torch.optim.SGD, lr=0.05, ratio=4, embedding_lr=1e-4, momentum=0.9)
+    optimizer = create_loraplus_optimizer(model, torch.optim.SGD, lr=0.05, ratio=4, momentum=0.9)
     optimizer.param_groups[1]["lr"] = 0.3  # changed by hand, as a scheduler would
     optimizer.param_groups[-1]["lr"] = 0.01
     yield "GPT-2 with a trainable ln_f and wpe, SGD at lr=0.05, ratio=4, and two groups' lr changed by hand", model, optimizer
