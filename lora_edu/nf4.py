@@ -42,13 +42,19 @@ actually does, including choices a textbook would not make:
 
 One exception, a bitsandbytes bug: its AVX-512 CPU dequantize kernel gives wrong values
 for a 2-D weight whose rows are a multiple of 16 long but not a multiple of the blocksize
-(4 x 80 with blocksize 64, say); it appears to restart the block count at every row. Its
-quantize, and its own pure-PyTorch dequantize, count blocks over the flattened tensor,
-as we do. Rows that are a multiple of the blocksize (768 or 4096 wide with the default
-64) never meet it.
+(4 x 80 or 256 x 80 with blocksize 64, say); it appears to restart the block count at
+every row. For other row lengths that are not a multiple of the blocksize (17 x 129, say)
+its ``Linear4bit`` crashes at inference instead. Its quantize, and its own pure-PyTorch
+dequantize, count blocks over the flattened tensor, as we do. Rows that are a multiple of
+the blocksize (768 or 4096 wide with the default 64) never meet either.
 
-Pure PyTorch and vectorised: no Python loop runs over blocks, so it also runs on a GPU
-(where it is a readable reference, not bitsandbytes' CUDA kernel).
+Two dequantize functions give the same values bit for bit: :func:`dequantize_nf4`, the
+one Chapter 4 teaches, written to be read, and :func:`dequantize_nf4_fast`, which
+:class:`NF4Linear` runs at every forward pass.
+
+Pure PyTorch and vectorised: no Python loop runs over blocks (the fast path loops over a
+few large chunks on the CPU), so it also runs on a GPU, where it is a readable
+reference, not bitsandbytes' CUDA kernel.
 """
 
 from __future__ import annotations
