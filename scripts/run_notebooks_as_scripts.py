@@ -49,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summary", type=Path, default=None, help="write each notebook's outcome here as JSON")
     parser.add_argument("--compile-only", action="store_true", help="parse every code cell, run nothing")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no internet: fail at once, not after retries
     start, outcomes = time.time(), []
     for path in args.notebooks:
         path = path.resolve()
@@ -79,4 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Set here, not in main(): a caller's process (the tests) must keep its own environment.
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine has no internet: fail at once, not after retries
     sys.exit(main())

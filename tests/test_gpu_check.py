@@ -126,7 +126,10 @@ def notebook(path: Path, *cells: str) -> Path:
 def runner(*args):
     from run_notebooks_as_scripts import main
 
-    return main([str(a) for a in args])
+    before = dict(os.environ)
+    outcome = main([str(a) for a in args])
+    assert dict(os.environ) == before  # nbval's kernels, started later by this process, inherit it
+    return outcome
 
 
 def test_runner_runs_cells_in_one_namespace_in_the_notebook_folder(tmp_path):
