@@ -1,6 +1,8 @@
 """The GPU checks: lora_edu's NF4 against bitsandbytes' CUDA kernels, and every layer on CUDA.
 
-Marked ``cuda``; ``scripts/gpu_check.sh`` runs them (``pytest -m cuda``) on a GPU machine.
+Marked ``cuda``; ``scripts/gpu_check.sh`` runs them (``pytest -m cuda tests/test_cuda*.py``) on a
+GPU machine, which has no Jupyter: GPU checks live in files named like this one, importing only
+what that machine has (torch, bitsandbytes from the carried wheel, transformers, peft).
 Without a GPU they are skipped, except in the script's CPU rehearsal
 (``LORA_EDU_REHEARSE_CUDA=1``), which runs every one of them on the CPU so that they
 cannot rot between the rare runs on a GPU.
