@@ -1,5 +1,8 @@
 """LoRA on the tiny GPT-2, adapted to Milton: a rank sweep and a fixed-budget comparison.
 
+The rank sweep is the question of Hu et al.'s Table 6; the fixed-budget comparison
+(which matrices to adapt at a fixed parameter count) is their Table 5.
+
 Chapter 2 plots the results; it runs only the r = 8 point itself. Every run uses
 lora_edu.train.MILTON_FINE_TUNE with lr 3e-3 and alpha 16 (fixed across ranks, as in
 Hu et al. 2021). About 5 minutes on 2 CPU cores.
@@ -28,7 +31,9 @@ LORA_LR, ALPHA, SEED = 3e-3, 16, 0
 ALL_KINDS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 RANKS = [1, 2, 4, 8, 16, 32, 64]
 # About 8,200 trainable parameters per block each: fewer matrix kinds at a higher rank,
-# or more at a lower one (the question of Hu et al.'s Table 6, at our scale).
+# or more at a lower one (the question of Hu et al.'s Table 5, at our scale; their
+# Table 6 is the rank sweep). GPT-2's c_attn holds W_q, W_k and W_v in one matrix, so
+# LoRA on it is one rank-r update shared by all three, not the paper's separate W_q, W_v.
 BUDGET = {
     "all four, r=4": (ALL_KINDS, 4),
     "attention (c_attn, c_proj), r=11": (["attn.c_attn", "attn.c_proj"], 11),

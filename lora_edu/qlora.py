@@ -31,6 +31,8 @@ __all__ = [
     "compute_dtype_for",
     "dequantize_layer",
     "dequantize_model",
+    "LLAMA_SHAPES",
+    "llama_skeleton",
     "make_optimizer",
     "memory_breakdown",
     "merge_and_dequantize",
@@ -402,6 +404,54 @@ def memory_breakdown(model: nn.Module, method: str, r: int = QLORA_LORA["r"], dq
     else:
         weights = round(n_linear * bits_per_parameter(64, True, dq_blocksize) / 8) + 4 * n_other
     return {"weights": weights, "lora": 4 * n_lora, "gradients": 4 * n_lora, "optimizer": 8 * n_lora}
+
+
+# The shapes of Llama 1 (Touvron et al., 2023, Table 2; vocabulary 32,000): width, MLP
+# width (SwiGLU), blocks. Attention is multi-head, so q, k, v and o are all d x d.
+LLAMA_SHAPES: dict[str, tuple[int, int, int]] = {
+    "7B": (4096, 11008, 32),
+    "13B": (5120, 13824, 40),
+    "33B": (6656, 17920, 60),
+    "65B": (8192, 22016, 80),
+}
+
+
+class _LlamaBlock(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(d)
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(self.self_attn, name, nn.Linear(d, d, bias=False))
+        self.post_attention_layernorm = nn.RMSNorm(d)
+        self.mlp = nn.Module()
+        self.mlp.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.mlp.up_proj = nn.Linear(d, hidden, bias=False)
+        self.mlp.down_proj = nn.Linear(hidden, d, bias=False)
+
+
+def llama_skeleton(size: str, vocab_size: int = 32_000) -> nn.Module:
+    """A Llama-style model's parameters on the ``meta`` device: shapes only, no memory.
+
+    ``size`` is a key of :data:`LLAMA_SHAPES` ("7B", "13B", "33B", "65B"). The module
+    names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``,
+    ``mlp.gate_proj``, ...; linear layers without bias; RMSNorm weights; an untied
+    ``lm_head``), so :func:`memory_breakdown` and ``add_lora`` see what they would see on
+    the real model. It has no ``forward``: it is for counting, not for running.
+    """
+    if size not in LLAMA_SHAPES:
+        raise ValueError(f"size must be one of {list(LLAMA_SHAPES)}, got {size!r}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    d, hidden, n_layer = LLAMA_SHAPES[size]
+    with torch.device("meta"):
+        skeleton = nn.Module()
+        skeleton.model = nn.Module()
+        skeleton.model.embed_tokens = nn.Embedding(vocab_size, d)
+        skeleton.model.layers = nn.ModuleList(_LlamaBlock(d, hidden) for _ in range(n_layer))
+        skeleton.model.norm = nn.RMSNorm(d)
+        skeleton.lm_head = nn.Linear(d, vocab_size, bias=False)
+    return skeleton
 
 
 def saved_activation_bytes(model: nn.Module, *inputs, **kwargs) -> int:

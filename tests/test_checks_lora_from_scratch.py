@@ -11,6 +11,7 @@ from lora_edu.checks import (
     check_lora_forward,
     check_merge_unmerge,
 )
+from lora_edu.checks.lora_from_scratch import RANK_MARGIN, _best_toy_loss, check_smallest_rank, rank_toy
 from lora_edu.lora import LoRALinear
 
 
@@ -257,3 +258,49 @@ def test_count_lora_parameters_rejects(name):
     fn, message = WRONG_COUNTS[name]
     with pytest.raises(CheckFailed, match=message):
         check_count_lora_parameters(fn)
+
+
+# --- Exercise 2.5 (open): the smallest rank within the margin ---
+
+# Held-out losses of converged adapters on rank_toy: what any rank-r update can reach.
+def good_losses(ranks=range(1, 33)):
+    return {r: _best_toy_loss(r) * 1.02 for r in ranks}
+
+
+def smallest(losses):
+    return min(r for r in losses if losses[r] <= losses[32] + RANK_MARGIN)
+
+
+def test_smallest_rank_accepts_the_right_answer(capsys):
+    losses = good_losses()
+    assert smallest(losses) == 4  # singular values 1, 1/2, 1/4, ...: 4 of them leave < 0.01
+    check_smallest_rank(losses, 4)
+    check_smallest_rank(good_losses([1, 2, 3, 4, 5, 8, 16, 32]), 4)
+    assert capsys.readouterr().out.count("Correct: rank 4") == 2
+
+
+def test_rank_toy_is_seeded_and_shaped():
+    a, b = rank_toy(), rank_toy()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["W0"].shape == (32, 32) and a["x_val"].shape == a["y_val"].shape == (1024, 32)
+
+
+WRONG_RANK_ANSWERS = {
+    "too large": (good_losses(), 5, "a smaller rank you tried is already within the margin"),
+    "too small": (good_losses(), 3, r"more than 0.01 above the full rank's"),
+    "not a dict": ([0.3, 0.1], 4, "should be a dict"),
+    "no full rank": (good_losses(range(1, 17)), 4, "no entry for rank 32"),
+    "rank 64 of a 32-wide layer": ({**good_losses(), 64: 0.01}, 4, "ints from 1 to 32"),
+    "gaps below the answer": (good_losses([1, 4, 8, 32]), 4, "You did not try rank 2"),
+    "training loss": ({**good_losses(), 2: 0.01}, 4, "below what any rank-2 update can reach"),
+    "not converged": ({**good_losses(), 8: 0.05}, 4, "has not finished learning"),
+    "tensor values": ({r: torch.tensor(v) for r, v in good_losses().items()}, 4, r"Python float \(use .item\(\)\)"),
+    "rank as a float": (good_losses(), 4.0, "rank should be an int"),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_RANK_ANSWERS)
+def test_smallest_rank_rejects(name):
+    losses, rank, message = WRONG_RANK_ANSWERS[name]
+    with pytest.raises(CheckFailed, match=message):
+        check_smallest_rank(losses, rank)

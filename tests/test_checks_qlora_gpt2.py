@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 
 from lora_edu.checks import CheckFailed, check_fine_tuning_bytes, check_quantize_and_count, check_training_step
+from lora_edu.checks.qlora_gpt2 import check_blocksize_experiment
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.nf4 import NF4Linear, bits_per_parameter, quantize_nf4
+from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
 from lora_edu.qlora import memory_breakdown
 
 
@@ -449,3 +450,70 @@ def test_checkers_leave_the_learners_rng_alone():
     check_quantize_and_count(right_quantize, right_count)
     check_training_step(right_step)
     assert torch.equal(torch.rand(3), expected)
+
+
+# --- Exercise 5.4 (open): the round-trip error against the block size ---
+
+SIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+def nf4_diff(w, blocksize, double_quant=False):
+    packed, state = quantize_nf4(w, blocksize, double_quant=double_quant)
+    return dequantize_nf4(packed, state).float() - w
+
+
+def right_error(w, blocksize):
+    return nf4_diff(w, blocksize).pow(2).mean().item()
+
+
+def experiment(error=right_error, sizes=SIZES, seed=0):
+    w = torch.randn(256, 128, generator=torch.Generator().manual_seed(seed)) * 0.02
+    w[0, 0] = 0.3  # an outlier, as real weights have
+    errors = {b: error(w, b) for b in sizes}
+    ok = max(b for b in sizes if errors[b] <= 1.1 * errors[64])
+    return w, errors, ok
+
+
+def test_blocksize_experiment_accepts_the_right_answer(capsys):
+    w, errors, ok = experiment()
+    check_blocksize_experiment(right_error, w, errors, ok)
+    assert "Correct: up to blocksize" in capsys.readouterr().out
+    w, errors, ok = experiment(lambda w, b: torch.mean(nf4_diff(w, b) ** 2), sizes=[32, 64, 256, 4096], seed=1)
+    check_blocksize_experiment(lambda w, b: torch.mean(nf4_diff(w, b) ** 2), w, errors, ok)  # a 0-d tensor is fine
+
+
+WRONG_ERRORS = {
+    "mean absolute": (lambda w, b: nf4_diff(w, b).abs().mean().item(), "mean absolute error"),
+    "root": (lambda w, b: nf4_diff(w, b).pow(2).mean().sqrt().item(), "root of the mean squared error"),
+    "sum": (lambda w, b: nf4_diff(w, b).pow(2).sum().item(), "a sum over all the weights"),
+    "double quant": (lambda w, b: nf4_diff(w, b, True).pow(2).mean().item(), "you used double quantization"),
+    "compared with itself": (lambda w, b: 0.0, "compare the weight with itself"),
+    "something else": (lambda w, b: 2 * right_error(w, b), "average the squared differences"),
+    "a string": (lambda w, b: "small", "should return a Python float"),
+    "stub": (stub, "still the stub"),
+}
+
+
+@pytest.mark.parametrize("name", WRONG_ERRORS)
+def test_blocksize_experiment_rejects_a_wrong_measure(name):
+    fn, message = WRONG_ERRORS[name]
+    w, errors, ok = experiment()
+    with pytest.raises(CheckFailed, match=message):
+        check_blocksize_experiment(fn, w, errors, ok)
+
+
+def test_blocksize_experiment_rejects_wrong_measurements_and_conclusions():
+    w, errors, ok = experiment()
+    with pytest.raises(CheckFailed, match="no entry for blocksize 64"):
+        check_blocksize_experiment(right_error, w, {b: e for b, e in errors.items() if b != 64}, ok)
+    with pytest.raises(CheckFailed, match="at least four block sizes"):
+        check_blocksize_experiment(right_error, w, {b: errors[b] for b in (32, 64, 128)}, 64)
+    with pytest.raises(CheckFailed, match="your weight w at blocksize 256"):
+        check_blocksize_experiment(right_error, w, {**errors, 256: errors[256] / 2}, ok)
+    larger = max(b for b in SIZES if errors[b] > 1.1 * errors[64])
+    with pytest.raises(CheckFailed, match=r"times blocksize 64's, more than 1.1 times"):
+        check_blocksize_experiment(right_error, w, errors, larger)
+    with pytest.raises(CheckFailed, match="a larger block size you measured"):
+        check_blocksize_experiment(right_error, w, errors, 32)
+    with pytest.raises(CheckFailed, match="should be a dict"):
+        check_blocksize_experiment(right_error, w, None, ok)

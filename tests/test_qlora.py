@@ -16,10 +16,12 @@ from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import LoRALinear, add_lora, is_quantized, lora_layers, merge_lora
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, nf4_code
 from lora_edu.qlora import (
+    LLAMA_SHAPES,
     QLORA_LORA,
     compute_dtype_for,
     dequantize_layer,
     dequantize_model,
+    llama_skeleton,
     make_optimizer,
     memory_breakdown,
     merge_and_dequantize,
@@ -722,3 +724,39 @@ def test_float16_autocast_scales_the_loss_and_unscales_before_clipping(monkeypat
     assert max(norms) < 100
     assert history.final_val_loss < 0.3 * history.val_loss[0]
     assert history.final_val_loss == pytest.approx(reference.final_val_loss, rel=0.2)
+
+
+# ---------------------------------------------------------------------------------------
+# Llama-style shapes for memory_breakdown
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, billions", [("7B", 6.7), ("13B", 13.0), ("33B", 32.5), ("65B", 65.2)])
+def test_llama_skeleton_has_the_published_parameter_counts(size, billions):
+    model = llama_skeleton(size)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n / 1e9 - billions) / billions < 0.01
+    assert all(p.is_meta for p in model.parameters())  # shapes only
+
+
+def test_llama_skeleton_uses_llamas_names_and_an_untied_head():
+    model = llama_skeleton("7B")
+    linear = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert linear == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert model.get_submodule("model.layers.31.mlp.down_proj").weight.shape == (4096, 11008)
+    with pytest.raises(ValueError, match="size must be one of"):
+        llama_skeleton("70B")
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        llama_skeleton("7B", vocab_size=0)
+
+
+def test_memory_breakdown_of_llama_65b_adapts_every_block_linear_layer():
+    model = llama_skeleton("65B")
+    d, hidden, n_layer = LLAMA_SHAPES["65B"]
+    qlora = memory_breakdown(model, "qlora")
+    n_lora = n_layer * 64 * (4 * 2 * d + 3 * (d + hidden))  # q, k, v, o; gate, up, down
+    assert qlora["lora"] == 4 * n_lora and qlora["optimizer"] == 8 * n_lora
+    n_total = sum(p.numel() for p in model.parameters())
+    assert memory_breakdown(model, "full")["weights"] == 4 * n_total
+    assert 30 * 2**30 < qlora["weights"] < 36 * 2**30  # 64.8B weights at 4.127 bits + 0.5B in float32

@@ -12,7 +12,15 @@ from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import LoRALinear, add_lora, count_parameters
 
-__all__ = ["check_count_lora_parameters", "check_inject_lora", "check_lora_forward", "check_merge_unmerge"]
+__all__ = [
+    "RANK_MARGIN",
+    "check_count_lora_parameters",
+    "check_inject_lora",
+    "check_lora_forward",
+    "check_merge_unmerge",
+    "check_smallest_rank",
+    "rank_toy",
+]
 
 
 def _call_with_shapes(fn: Callable, hint: str, *args):
@@ -356,3 +364,93 @@ def check_count_lora_parameters(count_lora_parameters: Callable[[GPT2Config, lis
                 )
     gpt2 = _true_lora_count(configs["gpt2"], ("c_attn",), 8)
     print(f"Correct: LoRA with r=8 on GPT-2's c_attn trains {gpt2:,} parameters.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 2.5 (open): the smallest rank that is good enough.
+
+RANK_MARGIN = 0.01  # in the toy's loss: squared error summed over the outputs, per example
+_TOY_D, _TOY_NOISE = 32, 0.01
+
+
+def rank_toy(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A linear layer to adapt: y = (W0 + dW) x + noise, with dW's singular values 1, 1/2, 1/4, ...
+
+    Returns ``W0`` (32 x 32, frozen), ``x_train``, ``y_train`` (1,024 rows each) and
+    ``x_val``, ``y_val`` (1,024 held-out rows). The inputs are standard normal, so the
+    held-out loss, mean over rows of the squared error summed over the 32 outputs, is
+    the error left in the update, squared Frobenius norm, plus the noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = _TOY_D
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    delta = U @ torch.diag(0.5 ** torch.arange(d, dtype=torch.float32)) @ V.T
+    W0 = torch.randn(d, d, generator=g) / d**0.5
+    x_train, x_val = torch.randn(1024, d, generator=g), torch.randn(1024, d, generator=g)
+    y_train = x_train @ (W0 + delta).T + _TOY_NOISE * torch.randn(1024, d, generator=g)
+    y_val = x_val @ (W0 + delta).T + _TOY_NOISE * torch.randn(1024, d, generator=g)
+    return {"W0": W0, "x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val}
+
+
+def _best_toy_loss(r: int) -> float:
+    """The lowest held-out loss any rank-r update can reach on rank_toy (Eckart-Young), noise included."""
+    singular = 0.5 ** torch.arange(_TOY_D, dtype=torch.float64)
+    return float((singular[r:] ** 2).sum()) + _TOY_D * _TOY_NOISE**2
+
+
+def check_smallest_rank(losses: dict, rank) -> None:
+    """Exercise 2.5: ``losses`` maps each rank tried to its held-out loss on :func:`rank_toy`;
+    ``rank`` is the smallest rank whose loss is within RANK_MARGIN of the full rank's (32)."""
+    if not isinstance(losses, dict) or not losses:
+        raise CheckFailed(f"losses should be a dict from each rank you tried to its held-out loss, got {_what(losses)}.")
+    bad = next((k for k in losses if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= _TOY_D), None)
+    if bad is not None:
+        raise CheckFailed(f"losses has the key {bad!r}: the keys should be the ranks you tried, ints from 1 to {_TOY_D}.")
+    if any(not isinstance(v, (int, float)) or v != v for v in losses.values()):
+        raise CheckFailed("every value of losses should be a held-out loss as a Python float (use .item()).")
+    if _TOY_D not in losses:
+        raise CheckFailed(
+            f"losses has no entry for rank {_TOY_D}: the margin is measured from the full rank's loss, so train "
+            f"that one too."
+        )
+    for r in sorted(losses):
+        best = _best_toy_loss(r)
+        if losses[r] < best * 0.8 - 1e-4:
+            raise CheckFailed(
+                f"Your rank-{r} loss, {losses[r]:.4f}, is below what any rank-{r} update can reach on held-out "
+                f"data ({best:.4f}): measure the loss on x_val and y_val, not on the training rows, and check "
+                "that the adapter really has the rank you say."
+            )
+        if losses[r] > best * 1.3 + 2e-3:
+            raise CheckFailed(
+                f"Your rank-{r} loss, {losses[r]:.4f}, is well above what a rank-{r} update can reach "
+                f"({best:.4f}): the adapter has not finished learning. Train for more steps or with a larger "
+                "learning rate, and check that only the adapter is trained and the loss is the one described."
+            )
+    good_enough = [r for r in sorted(losses) if losses[r] <= losses[_TOY_D] + RANK_MARGIN]
+    answer = good_enough[0]
+    tried_below = set(range(1, answer)) <= set(losses)
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise CheckFailed(f"rank should be an int, got {_what(rank)}.")
+    if not tried_below:
+        missing = min(set(range(1, answer)) - set(losses))
+        raise CheckFailed(
+            f"You did not try rank {missing}, so you cannot know that it is not good enough: to find the "
+            "smallest rank, try every rank below the one you pick."
+        )
+    if rank != answer:
+        if rank in losses and losses[rank] > losses[_TOY_D] + RANK_MARGIN:
+            hint = (f"its loss, {losses[rank]:.4f}, is more than {RANK_MARGIN} above the full rank's "
+                    f"({losses[_TOY_D]:.4f}), so it is not good enough")
+        else:
+            hint = "a smaller rank you tried is already within the margin"
+        raise CheckFailed(f"You picked rank {rank}, but {hint}: read your own measurements again.")
+    print(
+        f"Correct: rank {answer} is the smallest within {RANK_MARGIN} of the full rank's loss; it trains "
+        f"{answer * 2 * _TOY_D:,} parameters where the full rank trains {_TOY_D * 2 * _TOY_D:,}."
+    )
+
+
+def _what(value) -> str:
+    return "None (is the return statement missing?)" if value is None else f"a {type(value).__name__}"

@@ -13,10 +13,10 @@ import torch.nn as nn
 from lora_edu.checks._core import CheckFailed, call_learner
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora
-from lora_edu.nf4 import NF4Linear, bits_per_parameter
+from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
 from lora_edu.qlora import memory_breakdown, prepare_for_kbit_training, quantize_model
 
-__all__ = ["check_fine_tuning_bytes", "check_quantize_and_count", "check_training_step"]
+__all__ = ["check_blocksize_experiment", "check_fine_tuning_bytes", "check_quantize_and_count", "check_training_step"]
 
 
 def _returned(got) -> str:
@@ -537,3 +537,81 @@ def check_training_step(training_step: Callable) -> None:
             raise CheckFailed(f"For {step}, you returned the loss {got:.6f} but it is {want_loss:.6f}: {hint}.")
     print("Correct: zero the gradients, back-propagate, clip to norm 0.3, step; only the adapters change and the "
           "4-bit base stays as it was.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 5.4 (open): how the round-trip error depends on the block size.
+
+ERROR_TOLERANCE = 1.1  # "about as good as blocksize 64": at most 10% more squared error
+
+
+def _roundtrip_mse(w: torch.Tensor, blocksize: int) -> float:
+    packed, state = quantize_nf4(w, blocksize)
+    return float(((dequantize_nf4(packed, state).float() - w.float()) ** 2).mean())
+
+
+def _dq_mse(w: torch.Tensor, blocksize: int) -> float:
+    packed, state = quantize_nf4(w, blocksize, double_quant=True)
+    return float(((dequantize_nf4(packed, state).float() - w.float()) ** 2).mean())
+
+
+def _judge_error(got, want: float, where: str, w: torch.Tensor, blocksize: int) -> None:
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.item()
+    if not isinstance(got, (int, float)) or isinstance(got, bool):
+        raise CheckFailed(f"roundtrip_error should return a Python float, got {_returned(got)}.")
+    if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-12):
+        return
+    packed, state = quantize_nf4(w, blocksize)
+    diff = dequantize_nf4(packed, state).float() - w.float()
+    absmax = state.block_absmax().repeat_interleave(blocksize)[: w.numel()].view_as(w).float()
+    variants = [
+        (float(diff.abs().mean()), "that is the mean absolute error; the exercise asks for the mean squared error"),
+        (float(diff.pow(2).mean().sqrt()), "that is the root of the mean squared error; report the mean squared "
+                                           "error itself"),
+        (float(diff.pow(2).sum()), "that is a sum over all the weights; a mean makes weights of any size comparable"),
+        (float((diff / absmax).pow(2).mean()), "you measured the error of the normalised values (divided by each "
+                                               "block's absmax); measure it on the weight as the model uses it"),
+        (_dq_mse(w, blocksize), "you used double quantization; measure NF4 with float32 absmaxes "
+                                "(double_quant=False), so that the block size is the only thing that changes"),
+        (0.0, "the error is exactly zero: did you compare the weight with itself instead of with its "
+              "quantize-then-dequantize copy?"),
+    ]
+    hint = next((h for value, h in variants if math.isclose(got, value, rel_tol=1e-4, abs_tol=1e-12)),
+                "quantize the weight with the given block size, dequantize it, and average the squared "
+                "differences from the original")
+    raise CheckFailed(f"For {where} at blocksize {blocksize}, roundtrip_error gave {got:.4g} but the mean squared "
+                      f"round-trip error is {want:.4g}: {hint}.")
+
+
+def check_blocksize_experiment(roundtrip_error: Callable, w: torch.Tensor, errors: dict, largest_ok) -> None:
+    """Exercise 5.4: ``roundtrip_error(w, blocksize)`` is NF4's mean squared round-trip error of ``w``;
+    ``errors`` maps block sizes to it on ``w``; ``largest_ok`` is the largest block size tried whose
+    error is at most ERROR_TOLERANCE times blocksize 64's."""
+    g = torch.Generator().manual_seed(5)
+    probe = torch.randn(96, 64, generator=g) * 0.02
+    probe[3, 7] = 0.5  # one outlier: it sets its block's absmax
+    for blocksize in (64, 256):
+        got = call_learner(roundtrip_error, probe.clone(), blocksize)
+        _judge_error(got, _roundtrip_mse(probe, blocksize), "a 96 x 64 test weight", probe, blocksize)
+    if not isinstance(errors, dict) or not errors:
+        raise CheckFailed(f"errors should be a dict from block size to error, got {_returned(errors)}.")
+    sizes = sorted(errors)
+    if 64 not in errors:
+        raise CheckFailed("errors has no entry for blocksize 64, the size every other one is compared with.")
+    if len(sizes) < 4:
+        raise CheckFailed(f"You tried only {sizes}: try at least four block sizes, from 32 up to a few thousand, to "
+                          "see the trend.")
+    for blocksize in sizes:
+        _judge_error(errors[blocksize], _roundtrip_mse(w, blocksize), "your weight w", w, blocksize)
+    answer = max(b for b in sizes if errors[b] <= ERROR_TOLERANCE * errors[64])
+    if largest_ok != answer:
+        if isinstance(largest_ok, int) and largest_ok in errors and errors[largest_ok] > ERROR_TOLERANCE * errors[64]:
+            hint = (f"its error is {errors[largest_ok] / errors[64]:.2f} times blocksize 64's, more than "
+                    f"{ERROR_TOLERANCE:g} times")
+        else:
+            hint = "a larger block size you measured still stays within the tolerance"
+        raise CheckFailed(f"largest_ok is {largest_ok!r}, but {hint}: read your own measurements again.")
+    saved = bits_per_parameter(64) - bits_per_parameter(answer)
+    print(f"Correct: up to blocksize {answer} the error stays within {ERROR_TOLERANCE:g}x blocksize 64's, and "
+          f"the absmaxes cost {saved:.2f} bits per weight less than at 64 (without double quantization).")
