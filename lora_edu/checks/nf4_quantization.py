@@ -1,7 +1,8 @@
-"""Checkers for chapter 4's exercises: the NF4 levels, quantizing a block, packing nibbles, bits per weight."""
+"""Checkers for chapter 4's exercises: the NF4 levels, quantizing a block, packing nibbles, bits per weight, Lloyd-Max."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -11,7 +12,15 @@ from lora_edu.checks._core import CheckFailed, call_learner
 from lora_edu.nf4 import bits_per_parameter as _bits_per_parameter
 from lora_edu.nf4 import ZERO_CODE, nf4_code, quantize_nf4
 
-__all__ = ["check_bits_per_parameter", "check_nf4_values", "check_pack_unpack", "check_quantize_block"]
+__all__ = [
+    "absmax_scaled_normal_blocks",
+    "check_bits_per_parameter",
+    "check_lloyd_max_levels",
+    "check_nf4_values",
+    "check_pack_unpack",
+    "check_quantize_block",
+    "squared_error_with_levels",
+]
 
 _PAD_WITH_7 = "pad with 7, the index of 0.0 (lora_edu.nf4.ZERO_CODE), so the padding decodes to exactly zero"
 
@@ -460,3 +469,74 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
             f"takes {want[i]:g}: {hint}."
         )
     print("Correct: 4 bits for the index plus its share of the absmax: 4.5 at blocksize 64, 4.127 double-quantized.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 4.5 (open): Lloyd-Max levels against NF4's.
+
+
+def absmax_scaled_normal_blocks(n_blocks: int = 1024, blocksize: int = 64, seed: int = 0) -> torch.Tensor:
+    """Blocks of standard normal values, each divided by its absmax: what a 4-bit code has to round, flattened."""
+    for name, value in (("n_blocks", n_blocks), ("blocksize", blocksize)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    blocks = torch.randn(n_blocks, blocksize, generator=torch.Generator().manual_seed(seed))
+    return (blocks / blocks.abs().amax(dim=1, keepdim=True)).reshape(-1)
+
+
+def squared_error_with_levels(values: torch.Tensor, levels: torch.Tensor) -> float:
+    """Mean squared error of rounding each of ``values`` to its nearest level (levels sorted ascending)."""
+    levels = levels.detach().double()
+    nearest = torch.bucketize(values.double(), _midpoints(levels))
+    return (values.double() - levels[nearest]).pow(2).mean().item()
+
+
+@functools.lru_cache(maxsize=1)
+def _best_levels(steps: int = 100) -> torch.Tensor:
+    return _lloyd_max(absmax_scaled_normal_blocks(seed=0), nf4_code(), steps)
+
+
+def _lloyd_max(values: torch.Tensor, levels: torch.Tensor, steps: int) -> torch.Tensor:
+    """Lloyd's algorithm on sorted values: each cell is a slice, so its mean is a difference of cumulative sums."""
+    values = values.double().sort().values
+    cumsum = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
+    levels = levels.double().clone()
+    for _ in range(steps):
+        # A value on a midpoint belongs to the lower cell, as bucketize(right=False) sends it.
+        inner = torch.searchsorted(values, _midpoints(levels), right=True)
+        edges = torch.cat([torch.zeros(1, dtype=inner.dtype), inner, torch.tensor([len(values)])])
+        counts = edges[1:] - edges[:-1]
+        sums = cumsum[edges[1:]] - cumsum[edges[:-1]]
+        levels = torch.where(counts > 0, sums / counts.clamp_min(1), levels).sort().values
+    return levels
+
+
+def check_lloyd_max_levels(levels: torch.Tensor) -> None:
+    """Exercise 4.5: 16 levels whose squared error on fresh absmax-scaled normal blocks is as low as Lloyd-Max's."""
+    if not isinstance(levels, torch.Tensor):
+        raise CheckFailed(f"Give your levels as a torch.Tensor, got {_returned(levels)}.")
+    if levels.dim() != 1 or levels.numel() != 16:
+        raise CheckFailed(f"A 4-bit code has 16 levels in a 1-D tensor; yours has shape {tuple(levels.shape)}.")
+    levels = levels.detach().double()
+    if not torch.isfinite(levels).all():
+        raise CheckFailed("Your levels contain NaN or inf: a level whose cell is empty has no mean; leave it where it is.")
+    if not (levels[1:] > levels[:-1]).all():
+        raise CheckFailed("Your levels should be distinct and sorted ascending, as a code table is.")
+    fresh = absmax_scaled_normal_blocks(4096, seed=1)  # not the blocks you fitted on: the error must hold on new ones
+    yours = squared_error_with_levels(fresh, levels)
+    nf4 = squared_error_with_levels(fresh, nf4_code())
+    best = squared_error_with_levels(fresh, _best_levels())
+    if torch.allclose(levels, nf4_code().double(), atol=1e-6):
+        raise CheckFailed("Those are NF4's own levels: start from them if you like, then let the levels move.")
+    if yours > nf4:
+        raise CheckFailed(
+            f"Your levels err more than NF4's on fresh blocks (mean squared error {yours:.3e} against {nf4:.3e}): "
+            "each step should move every level to the centre of the values it receives; did you fit on "
+            "absmax-scaled blocks, values in [-1, 1]?"
+        )
+    if yours > 1.015 * best:
+        raise CheckFailed(
+            f"Your levels beat NF4 ({yours:.3e} against {nf4:.3e}) but not yet the best the checker finds "
+            f"({best:.3e}): let them move for more steps, until they stop."
+        )
+    print(f"Correct: mean squared error {yours:.3e} on fresh blocks, {1 - yours / nf4:.0%} below NF4's {nf4:.3e}.")
