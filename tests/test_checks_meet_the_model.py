@@ -63,7 +63,7 @@ WRONG_CE = {
     "per token": (lambda l, t: -F.log_softmax(l, -1)[torch.arange(len(t)), t], "single number"),
     "log of softmax": (lambda l, t: -torch.log(torch.softmax(l * 1e4, -1))[torch.arange(len(t)), t].mean(), "log_softmax"),
     "not a tensor": (lambda l, t: 1.5, "torch.Tensor"),
-    "other": (lambda l, t: right_ce(l, t) + 0.1, "for each row"),
+    "other": (lambda l, t: right_ce(l, t) + 0.1, "average surprise"),
 }
 
 

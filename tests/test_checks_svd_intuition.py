@@ -59,7 +59,7 @@ def test_low_rank_factors_accepts(right, capsys):
     (no_singular_values, "lost the singular values"),
     (smallest, "kept the smallest singular values"),
     (transposed, r"B should be 12 x 1 and A 1 x 8"),
-    (random_factors, "should equal the truncated SVD"),
+    (random_factors, "should be the best rank-r approximation"),
     (lambda W, r: W, "should return a pair"),
     (lambda W, r: (W.tolist(), W.tolist()), "torch.Tensor"),
     (stub, "still the stub"),
@@ -79,7 +79,7 @@ def rank_from(values, energy, offset=1):
 @pytest.mark.parametrize("wrong, message", [
     (lambda W, e: rank_from(torch.linalg.svdvals(W), e), r"add up S\*\*2, not S"),
     (lambda W, e: rank_from(torch.linalg.svdvals(W) ** 2, e, offset=0), "off by one"),
-    (lambda W, e: min(W.shape), "cumulative sum of S\\*\\*2"),
+    (lambda W, e: min(W.shape), "share of the squared singular values"),
     (lambda W, e: float(rank_from(torch.linalg.svdvals(W) ** 2, e)), "an int"),
     (stub, "still the stub"),
 ])
@@ -100,7 +100,7 @@ def test_rank_for_energy_accepts(capsys):
     (lambda d, k, r: d * k * r, "add their sizes"),
     (lambda d, k, r: d * r, "count both factors"),
     (lambda d, k, r: d * k - r * (d + k), "what the factorisation saves"),
-    (lambda d, k, r: r * (d + k) + 1, "B has d \\* r entries"),
+    (lambda d, k, r: r * (d + k) + 1, "count the entries of each factor"),
     (stub, "still the stub"),
 ])
 def test_low_rank_parameters_rejects(wrong, message):

@@ -82,7 +82,7 @@ def check_cross_entropy(cross_entropy: Callable[[torch.Tensor, torch.Tensor], to
     elif torch.isclose(got, F.cross_entropy(logits, logits.argmax(-1)).double(), rtol=1e-4):
         hint = "you scored the most likely token, not the target token"
     else:
-        hint = "for each row take log_softmax, pick the target's entry, negate, and average"
+        hint = "the loss is the average surprise at the right answer: how unlikely the model found each row's target"
     raise CheckFailed(f"Expected {want.item():.4f} nats but got {got.item():.4f}: {hint}.")
 
 
@@ -104,11 +104,11 @@ def check_next_token_probs(
         elif temperature != 1.0 and torch.allclose(got, next_token_probs(logits * temperature ** 2, temperature, top_k), atol=1e-5):
             hint = "divide the logits by the temperature; you multiplied"
         elif top_k is not None and torch.allclose(got, next_token_probs(logits, temperature, None), atol=1e-5):
-            hint = "keep only the top_k largest logits (set the others to -inf before the softmax)"
+            hint = "keep only the top_k likeliest tokens: every other token must get probability 0"
         elif top_k is not None and (got > 0).sum(-1).tolist() != [top_k, top_k]:
             hint = f"exactly top_k={top_k} tokens per row should keep a non-zero probability"
         else:
-            hint = "compute softmax(logits / temperature) over the top_k largest logits"
+            hint = "check the order: the temperature reshapes the logits, top-k removes tokens, and only then come probabilities"
         raise CheckFailed(f"With {setting}: expected {want[0].tolist()} for the first row, got {got[0].tolist()}: {hint}.")
     print("Correct: temperature and top-k behave as in lora_edu.gpt2.next_token_probs.")
 

@@ -94,7 +94,7 @@ def check_nf4_values(nf4_values: Callable[[], torch.Tensor]) -> None:
                     "down to 0.5 so that [:-1] drops the 0.5, and add the single 0 yourself")
         elif abs(values.max().item() - 1) > 1e-6:
             hint = (f"your levels span [{values.min().item():.4f}, {values.max().item():.4f}]: divide them all by the "
-                    "largest (levels / levels.max()), so that they span [-1, 1] like a block divided by its absmax")
+                    "largest, so that they span [-1, 1] like a block divided by its absmax")
         else:
             i = int((values - want).abs().argmax())
             hint = (f"level {i} is {values[i].item():.6f} but should be {want[i].item():.6f}: NF4 has "
@@ -195,9 +195,9 @@ def check_quantize_block(quantize_block: Callable) -> None:
         if not math.isclose(absmax, want_absmax, rel_tol=1e-6):
             if math.isclose(absmax, block.max().item(), rel_tol=1e-6):
                 hint = ("you took block.max(), which misses a larger negative value; absmax is the largest absolute "
-                        "value, block.abs().max()")
+                        "value")
             else:
-                hint = "absmax is the largest absolute value in the block, block.abs().max()"
+                hint = "absmax is the largest absolute value in the block"
             raise CheckFailed(
                 f"For {setting}, absmax should be {want_absmax:.6g} but you returned {absmax:.6g}: {hint}."
             )
@@ -207,7 +207,7 @@ def check_quantize_block(quantize_block: Callable) -> None:
             raise CheckFailed(
                 f"For {setting}, you returned index {indices[i].item()} for the value {block[i].item():.4f}, but the "
                 "16 levels have indices 0 to 15: with 16 levels there are 15 midpoints between them, so count the "
-                "midpoints below each scaled value, torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)."
+                "midpoints below each scaled value."
             )
         want = _reference_indices(block, code)
         if torch.equal(indices, want):
@@ -226,22 +226,22 @@ def _diagnose_indices(setting, block, code, indices, want) -> None:
         raise CheckFailed(
             f"For {setting}, the value {scaled[i].item():.6f} lies exactly on the midpoint between levels {lower} and "
             f"{lower + 1} and takes the lower one, {lower}, as in bitsandbytes, but you gave {indices[i].item()}: "
-            "count the midpoints below each value with torch.bucketize(scaled, (code[1:] + code[:-1]) / 2) and its "
-            "default right=False (argmin over distances can tip such a tie upwards, as the distances are rounded)."
+            "count only the midpoints strictly below each value, so that a tie stays with the lower level (argmin "
+            "over distances can tip such a tie upwards, as the distances are rounded)."
         )
     variants = [
         (torch.bucketize(block.clamp(-1, 1), mid),
-         "you looked up the raw values; divide the block by its absmax first (scaled = block * (1 / absmax)), so that "
+         "you looked up the raw values; divide the block by its absmax first, so that "
          "it spans [-1, 1] like the levels"),
         (torch.bucketize(_scaled(block, block.max()), mid),
-         "you scaled by block.max(), but the largest magnitude here is negative: scale by the absolute maximum, "
-         "block.abs().max()"),
+         "you scaled by block.max(), but the largest magnitude here is negative: scale by the largest "
+         "magnitude"),
         (torch.bucketize(scaled, code),
          "you rounded each value up to the next level; take the nearest level, by counting the midpoints between "
-         "levels below it: torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)"),
+         "levels below it"),
         ((torch.bucketize(scaled, code, right=True) - 1).clamp(min=0),
          "you rounded each value down to the level below it; take the nearest level, by counting the midpoints "
-         "between levels below it: torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)"),
+         "between levels below it"),
         (_reference_indices(block, nf4_code()),
          "you used the NF4 levels, but this call passes other levels in code: look the values up in the code "
          "argument"),
@@ -441,28 +441,28 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
              "they share"),
             ([w / 8 for w in want], "that is bytes; the answer is in bits"),
             ([4 + b / 32 for b in blocksizes],
-             "inverted: the absmax's 32 bits are shared by blocksize values, so add 32 / blocksize, not "
-             "blocksize / 32"),
+             "inverted: the absmax's 32 bits are shared by the blocksize values of its block, so a larger "
+             "block should make each weight's share smaller"),
         ]
         if double_quant:
             variants += [
                 ([4 + 32 / b for b in blocksizes],
-                 "with double quantization each absmax is stored in 8 bits, not 32, so it costs 8 / blocksize, plus "
-                 "32 / (blocksize * 256) for one float32 scale per 256 absmaxes"),
+                 "with double quantization each absmax is stored in 8 bits, not 32, and the 8-bit absmaxes "
+                 "need a float32 scale of their own, one per 256 of them"),
                 ([4 + 32 / b + 32 / (b * 256) for b in blocksizes],
-                 "with double quantization each absmax is stored in 8 bits, so it costs 8 / blocksize, not "
-                 "32 / blocksize"),
+                 "with double quantization each absmax is stored in 8 bits, not in 32"),
                 ([4 + 8 / b for b in blocksizes],
-                 "the 8-bit absmaxes need a float32 scale of their own, one per 256 of them: add "
-                 "32 / (blocksize * 256)"),
+                 "the 8-bit absmaxes need a float32 scale of their own, one per 256 of them, and every "
+                 "weight pays its share of it"),
             ]
         else:
             variants += [
-                ([4 + 16 / b for b in blocksizes], "the absmax is a float32, 32 bits, not 16: add 32 / blocksize"),
-                ([32 / b for b in blocksizes], "you left out the 4 bits of the index itself: 4 + 32 / blocksize"),
+                ([4 + 16 / b for b in blocksizes], "the absmax is a float32, 32 bits, not 16"),
+                ([32 / b for b in blocksizes], "you left out the 4 bits of the index itself"),
             ]
-        formula = ("4 + 8 / blocksize + 32 / (blocksize * 256)" if double_quant else "4 + 32 / blocksize")
-        hint = next((h for variant, h in variants if _matches(got, variant)), f"the answer is {formula}")
+        idea = ("the 4-bit index, the 8-bit absmax shared by the block, and the float32 scale shared by 256 blocks"
+                if double_quant else "the 4-bit index and the float32 absmax shared by the block")
+        hint = next((h for variant, h in variants if _matches(got, variant)), f"each weight pays for {idea}")
         i = next(i for i in range(4) if not math.isclose(got[i], want[i], rel_tol=1e-9))
         raise CheckFailed(
             f"For blocksize={blocksizes[i]} and double_quant={double_quant}, you returned {got[i]:g} bits but NF4 "

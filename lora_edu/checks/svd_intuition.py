@@ -45,11 +45,11 @@ def check_low_rank_factors(low_rank_factors: Callable[[torch.Tensor, int], tuple
                 continue
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             if torch.allclose(product, U[:, :r] @ Vh[:r], atol=1e-6):
-                hint = "B @ A has lost the singular values: put S[:r] into B or A (or split it as sqrt(S) into both)"
+                hint = "B @ A has lost the singular values: one of the factors (or both, shared) must carry them"
             elif r < len(S) and torch.allclose(product, (U[:, -r:] * S[-r:]) @ Vh[-r:], atol=1e-6):
                 hint = "you kept the smallest singular values; torch.linalg.svd returns them largest first, so keep the first r"
             else:
-                hint = "B @ A should equal the truncated SVD U[:, :r] diag(S[:r]) Vh[:r]"
+                hint = "B @ A should be the best rank-r approximation, which the SVD gives: keep its r strongest directions"
             error = torch.linalg.norm(W - product).item()
             raise CheckFailed(
                 f"For {name} and r={r}, ||W - B @ A|| is {error:.3f} but the best rank-{r} "
@@ -82,7 +82,7 @@ def check_rank_for_energy(rank_for_energy_fn: Callable[[torch.Tensor, float], in
         elif answers == [w - 1 for w in wanted]:
             hint = "off by one: index 0 of the cumulative sum is rank 1"
         else:
-            hint = "take the cumulative sum of S**2 over its total and find the first rank where it reaches energy"
+            hint = "E(r) is the share of the squared singular values held by the top r; find the first rank where it reaches energy"
         (name, _, energy), got, want = next(
             (case, a, w) for case, a, w in zip(cases, answers, wanted) if a != w
         )
@@ -109,7 +109,7 @@ def check_low_rank_parameters(count: Callable[[int, int, int], int]) -> None:
         elif got == d * k - want:
             hint = "that is what the factorisation saves; return how many parameters it has"
         else:
-            hint = "B has d * r entries and A has r * k"
+            hint = "count the entries of each factor from its shape, and add them"
         raise CheckFailed(f"For d={d}, k={k}, r={r} you counted {got} but B and A hold {want}: {hint}.")
     print("Correct: rank r costs r (d + k) parameters instead of d k.")
 
