@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_edu.checks import CheckFailed, check_cross_entropy, check_next_token_probs, check_parameter_count
+from lora_edu.checks import (
+    CheckFailed,
+    check_best_temperature,
+    check_cross_entropy,
+    check_next_token_probs,
+    check_parameter_count,
+)
 
 
 def stub(*args):
@@ -57,7 +63,7 @@ WRONG_CE = {
     "per token": (lambda l, t: -F.log_softmax(l, -1)[torch.arange(len(t)), t], "single number"),
     "log of softmax": (lambda l, t: -torch.log(torch.softmax(l * 1e4, -1))[torch.arange(len(t)), t].mean(), "log_softmax"),
     "not a tensor": (lambda l, t: 1.5, "torch.Tensor"),
-    "other": (lambda l, t: right_ce(l, t) + 0.1, "for each row"),
+    "other": (lambda l, t: right_ce(l, t) + 0.1, "average surprise"),
 }
 
 
@@ -116,3 +122,48 @@ def test_next_token_probs_rejects(name):
 def test_an_unanswered_exercise_gets_told_to_replace_the_stub(checker):
     with pytest.raises(CheckFailed, match="still the stub"):
         checker(stub)
+
+
+# --- Exercise 0.4 (open): the best temperature ---
+
+def test_best_temperature_accepts_the_optimum_and_its_flat_neighbourhood(capsys):
+    from lora_edu.checks.meet_the_model import _loss_at, held_out_logits
+
+    best = {}
+    for corpus in ("shakespeare", "milton"):
+        logits, targets = held_out_logits(corpus)
+        grid = [0.8 + 0.05 * i for i in range(13)]
+        best[corpus] = min(grid, key=lambda t: _loss_at(logits, targets, t))
+    check_best_temperature(best)
+    check_best_temperature({k: torch.tensor(v) for k, v in best.items()})
+    assert capsys.readouterr().out.count("Correct") == 2
+    # The model is overconfident on the new domain: its best temperature there is above 1, and above Shakespeare's.
+    assert best["milton"] > 1.1 and best["milton"] > best["shakespeare"]
+
+
+@pytest.mark.parametrize("answer, message", [
+    ({"shakespeare": 1.05, "milton": 1.0}, "For milton, T=1 .*look on both sides"),
+    ({"shakespeare": 1.05, "milton": 0.8}, "some higher temperature fits better"),
+    ({"shakespeare": 1.05, "milton": 3.0}, "some lower temperature fits better"),
+    ({"shakespeare": 0.5, "milton": 1.25}, "For shakespeare, T=0.5 .*higher"),
+    ({"milton": 1.25}, "one temperature per corpus"),
+    ([1.0, 1.2], "one temperature per corpus"),
+    ({"shakespeare": -1.0, "milton": 1.25}, "positive number"),
+    ({"shakespeare": "1.0", "milton": 1.25}, "positive number"),
+])
+def test_best_temperature_rejects(answer, message):
+    with pytest.raises(CheckFailed, match=message):
+        check_best_temperature(answer)
+
+
+def test_held_out_logits_hands_out_copies_and_names_bad_arguments():
+    from lora_edu.checks.meet_the_model import held_out_logits
+
+    logits, targets = held_out_logits("milton", windows=2)
+    assert logits.shape == (256, 256) and targets.shape == (256,)
+    logits.zero_()
+    assert held_out_logits("milton", windows=2)[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="corpus must be one of"):
+        held_out_logits("wikipedia")
+    with pytest.raises(ValueError, match="windows must be a positive int"):
+        held_out_logits("milton", windows=0)

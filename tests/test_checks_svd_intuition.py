@@ -1,9 +1,17 @@
 """Chapter 1's checkers accept the right answer and reject wrong ones with a useful sentence."""
 
+import math
+
 import pytest
 import torch
 
-from lora_edu.checks import CheckFailed, check_low_rank_factors, check_low_rank_parameters, check_rank_for_energy
+from lora_edu.checks import (
+    CheckFailed,
+    check_low_rank_factors,
+    check_low_rank_parameters,
+    check_rank_for_energy,
+    check_rank_keeping_gain,
+)
 
 
 def stub(*args):
@@ -51,7 +59,7 @@ def test_low_rank_factors_accepts(right, capsys):
     (no_singular_values, "lost the singular values"),
     (smallest, "kept the smallest singular values"),
     (transposed, r"B should be 12 x 1 and A 1 x 8"),
-    (random_factors, "should equal the truncated SVD"),
+    (random_factors, "should be the best rank-r approximation"),
     (lambda W, r: W, "should return a pair"),
     (lambda W, r: (W.tolist(), W.tolist()), "torch.Tensor"),
     (stub, "still the stub"),
@@ -71,7 +79,7 @@ def rank_from(values, energy, offset=1):
 @pytest.mark.parametrize("wrong, message", [
     (lambda W, e: rank_from(torch.linalg.svdvals(W), e), r"add up S\*\*2, not S"),
     (lambda W, e: rank_from(torch.linalg.svdvals(W) ** 2, e, offset=0), "off by one"),
-    (lambda W, e: min(W.shape), "cumulative sum of S\\*\\*2"),
+    (lambda W, e: min(W.shape), "share of the squared singular values"),
     (lambda W, e: float(rank_from(torch.linalg.svdvals(W) ** 2, e)), "an int"),
     (stub, "still the stub"),
 ])
@@ -92,7 +100,7 @@ def test_rank_for_energy_accepts(capsys):
     (lambda d, k, r: d * k * r, "add their sizes"),
     (lambda d, k, r: d * r, "count both factors"),
     (lambda d, k, r: d * k - r * (d + k), "what the factorisation saves"),
-    (lambda d, k, r: r * (d + k) + 1, "B has d \\* r entries"),
+    (lambda d, k, r: r * (d + k) + 1, "count the entries of each factor"),
     (stub, "still the stub"),
 ])
 def test_low_rank_parameters_rejects(wrong, message):
@@ -103,3 +111,61 @@ def test_low_rank_parameters_rejects(wrong, message):
 def test_low_rank_parameters_accepts(capsys):
     check_low_rank_parameters(lambda d, k, r: r * (d + k))
     assert "Correct" in capsys.readouterr().out
+
+
+# --- Exercise 1.4 (open): the smallest rank that keeps 90% of the gain ---
+
+@pytest.fixture
+def kept_by_rank(monkeypatch):
+    """A stand-in for the held-out measurement: rank r keeps min(1, r / 20) of the gain, so 18 is the answer."""
+    from lora_edu.checks import svd_intuition
+
+    calls = []
+
+    def fake_gain_kept(delta, ranks):
+        calls.append(list(ranks))
+        return {r: min(1.0, r / 20) for r in ranks}
+
+    monkeypatch.setattr(svd_intuition, "gain_kept", fake_gain_kept)
+    return calls
+
+
+DELTA = {"transformer.h.0.attn.c_proj.weight": torch.zeros(128, 128)}
+
+
+def test_rank_keeping_gain_accepts_the_smallest_rank(kept_by_rank, capsys):
+    check_rank_keeping_gain(18, DELTA)
+    check_rank_keeping_gain(torch.tensor(18), DELTA)
+    assert capsys.readouterr().out.count("Correct: rank 18") == 2
+    assert kept_by_rank == [[18, 17], [18, 17]]  # the rank and the one below, nothing more
+
+
+@pytest.mark.parametrize("answer, message", [
+    (16, r"At rank 16 .* keep 80.0% .*short of 90%: the rank you want is higher"),
+    (32, r"rank 31 already keeps 100.0%: the smallest rank is lower"),
+    (19, r"rank 18 already keeps 90.0%"),
+    (0, "a positive int"),
+    (18.0, "a positive int"),
+    (True, "a positive int"),
+    (129, "more than any of these matrices has"),
+])
+def test_rank_keeping_gain_rejects(kept_by_rank, answer, message):
+    with pytest.raises(CheckFailed, match=message):
+        check_rank_keeping_gain(answer, DELTA)
+
+
+def test_gain_kept_measures_the_truncated_update():
+    from lora_edu.checks.svd_intuition import gain_kept
+    from lora_edu.gpt2 import load_tiny
+
+    W0 = load_tiny().transformer.h[0].mlp.c_fc.weight.detach()
+    name = "transformer.h.0.mlp.c_fc.weight"
+    u, v = W0[:, :1], W0[:1, :]  # a rank-1 update: rank 1 keeps all of its effect, rank 0 none
+    delta = {name: 0.2 * W0.norm() * (u @ v) / (u @ v).norm()}
+    kept = gain_kept(delta, [0, 1, 5])
+    assert kept[0] == 0.0
+    assert math.isclose(kept[1], 1.0, abs_tol=1e-4) and math.isclose(kept[5], 1.0, abs_tol=1e-4)
+    with pytest.raises(KeyError, match="does not have"):
+        gain_kept({"no.such.weight": torch.zeros(2, 2)}, [1])
+    with pytest.raises(ValueError, match="ranks must be non-negative ints"):
+        gain_kept(delta, [-1])

@@ -1,7 +1,8 @@
-"""Checkers for chapter 0's exercises: parameter count, cross-entropy, next-token probabilities."""
+"""Checkers for chapter 0's exercises: parameter count, cross-entropy, next-token probabilities, temperature."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -11,7 +12,13 @@ import torch.nn.functional as F
 from lora_edu.checks._core import CheckFailed, expect_tensor, call_learner
 from lora_edu.gpt2 import GPT2, GPT2Config, next_token_probs
 
-__all__ = ["check_cross_entropy", "check_next_token_probs", "check_parameter_count"]
+__all__ = [
+    "check_best_temperature",
+    "check_cross_entropy",
+    "check_next_token_probs",
+    "check_parameter_count",
+    "held_out_logits",
+]
 
 
 def _true_parameter_count(config: GPT2Config) -> int:
@@ -75,7 +82,7 @@ def check_cross_entropy(cross_entropy: Callable[[torch.Tensor, torch.Tensor], to
     elif torch.isclose(got, F.cross_entropy(logits, logits.argmax(-1)).double(), rtol=1e-4):
         hint = "you scored the most likely token, not the target token"
     else:
-        hint = "for each row take log_softmax, pick the target's entry, negate, and average"
+        hint = "the loss is the average surprise at the right answer: how unlikely the model found each row's target"
     raise CheckFailed(f"Expected {want.item():.4f} nats but got {got.item():.4f}: {hint}.")
 
 
@@ -97,10 +104,88 @@ def check_next_token_probs(
         elif temperature != 1.0 and torch.allclose(got, next_token_probs(logits * temperature ** 2, temperature, top_k), atol=1e-5):
             hint = "divide the logits by the temperature; you multiplied"
         elif top_k is not None and torch.allclose(got, next_token_probs(logits, temperature, None), atol=1e-5):
-            hint = "keep only the top_k largest logits (set the others to -inf before the softmax)"
+            hint = "keep only the top_k likeliest tokens: every other token must get probability 0"
         elif top_k is not None and (got > 0).sum(-1).tolist() != [top_k, top_k]:
             hint = f"exactly top_k={top_k} tokens per row should keep a non-zero probability"
         else:
-            hint = "compute softmax(logits / temperature) over the top_k largest logits"
+            hint = "check the order: the temperature reshapes the logits, top-k removes tokens, and only then come probabilities"
         raise CheckFailed(f"With {setting}: expected {want[0].tolist()} for the first row, got {got[0].tolist()}: {hint}.")
     print("Correct: temperature and top-k behave as in lora_edu.gpt2.next_token_probs.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 0.4 (open): the temperature that fits held-out text best.
+
+_CORPORA = ("shakespeare", "milton")
+
+
+def held_out_logits(corpus: str, windows: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiny GPT-2's logits (N, 256) and the targets (N,) on the first ``windows`` held-out windows of 128 bytes.
+
+    Exercise 0.4 and its checker score the same bytes, so that they agree on which temperature is best.
+    """
+    if corpus not in _CORPORA:
+        raise ValueError(f"corpus must be one of {_CORPORA}, got {corpus!r}")
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
+        raise ValueError(f"windows must be a positive int, got {windows!r}")
+    logits, targets = _held_out_logits(corpus, windows)
+    return logits.clone(), targets.clone()  # the cached copy stays the checker's
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out_logits(corpus: str, windows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from lora_edu.data import load_split
+    from lora_edu.gpt2 import load_tiny
+
+    model = load_tiny("cpu").eval()
+    val = load_split(corpus, "val")
+    block = model.config.block_size
+    n = min(windows, (len(val) - 1) // block)
+    x, y = val[: n * block].view(n, block), val[1 : n * block + 1].view(n, block)
+    with torch.no_grad():
+        logits = torch.cat([model(x[i : i + 64]) for i in range(0, n, 64)])
+    return logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+
+
+def _loss_at(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    return F.cross_entropy(logits / temperature, targets).item()
+
+
+def _lowest_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """(temperature, loss) at the bottom of the loss curve: a grid of step 0.05 over [0.5, 2], then 0.005 around."""
+    coarse = min((0.5 + 0.05 * i for i in range(31)), key=lambda t: _loss_at(logits, targets, t))
+    fine = [coarse - 0.05 + 0.005 * i for i in range(21)]
+    return min(((t, _loss_at(logits, targets, t)) for t in fine), key=lambda pair: pair[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _best_temperature(corpus: str) -> tuple[float, float]:
+    return _lowest_loss(*_held_out_logits(corpus, 256))
+
+
+def check_best_temperature(best: dict) -> None:
+    """Exercise 0.4: ``best[corpus]`` is a temperature whose held-out loss is within 0.002 nats of the lowest."""
+    if not isinstance(best, dict) or set(best) != set(_CORPORA):
+        got = sorted(best) if isinstance(best, dict) else type(best).__name__
+        raise CheckFailed(f"Give a dict with one temperature per corpus, keys {list(_CORPORA)}; got {got}.")
+    for corpus in _CORPORA:
+        t = best[corpus]
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            t = t.item()
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise CheckFailed(f"The temperature for {corpus} should be a positive number, got {t!r}.")
+        logits, targets = held_out_logits(corpus)
+        t_best, lowest = _best_temperature(corpus)
+        yours = _loss_at(logits, targets, t)
+        if yours - lowest <= 2e-3:
+            continue
+        side = "higher" if t < t_best else "lower"
+        if t == 1.0:
+            hint = "1 is where the model was trained, but it need not be best on this text: look on both sides of it"
+        else:
+            hint = f"some {side} temperature fits better: scan a wider range, then a finer grid around the best"
+        raise CheckFailed(
+            f"For {corpus}, T={t:g} gives a held-out loss of {yours:.4f} nats per byte, {yours - lowest:.4f} above "
+            f"the best the checker finds: {hint}."
+        )
+    print("Correct: your temperatures fit the held-out text as well as the best ones (within 0.002 nats).")

@@ -1,7 +1,8 @@
-"""Checkers for chapter 4's exercises: the NF4 levels, quantizing a block, packing nibbles, bits per weight."""
+"""Checkers for chapter 4's exercises: the NF4 levels, quantizing a block, packing nibbles, bits per weight, Lloyd-Max."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -11,7 +12,15 @@ from lora_edu.checks._core import CheckFailed, call_learner
 from lora_edu.nf4 import bits_per_parameter as _bits_per_parameter
 from lora_edu.nf4 import ZERO_CODE, nf4_code, quantize_nf4
 
-__all__ = ["check_bits_per_parameter", "check_nf4_values", "check_pack_unpack", "check_quantize_block"]
+__all__ = [
+    "absmax_scaled_normal_blocks",
+    "check_bits_per_parameter",
+    "check_lloyd_max_levels",
+    "check_nf4_values",
+    "check_pack_unpack",
+    "check_quantize_block",
+    "squared_error_with_levels",
+]
 
 _PAD_WITH_7 = "pad with 7, the index of 0.0 (lora_edu.nf4.ZERO_CODE), so the padding decodes to exactly zero"
 
@@ -85,7 +94,7 @@ def check_nf4_values(nf4_values: Callable[[], torch.Tensor]) -> None:
                     "down to 0.5 so that [:-1] drops the 0.5, and add the single 0 yourself")
         elif abs(values.max().item() - 1) > 1e-6:
             hint = (f"your levels span [{values.min().item():.4f}, {values.max().item():.4f}]: divide them all by the "
-                    "largest (levels / levels.max()), so that they span [-1, 1] like a block divided by its absmax")
+                    "largest, so that they span [-1, 1] like a block divided by its absmax")
         else:
             i = int((values - want).abs().argmax())
             hint = (f"level {i} is {values[i].item():.6f} but should be {want[i].item():.6f}: NF4 has "
@@ -186,9 +195,9 @@ def check_quantize_block(quantize_block: Callable) -> None:
         if not math.isclose(absmax, want_absmax, rel_tol=1e-6):
             if math.isclose(absmax, block.max().item(), rel_tol=1e-6):
                 hint = ("you took block.max(), which misses a larger negative value; absmax is the largest absolute "
-                        "value, block.abs().max()")
+                        "value")
             else:
-                hint = "absmax is the largest absolute value in the block, block.abs().max()"
+                hint = "absmax is the largest absolute value in the block"
             raise CheckFailed(
                 f"For {setting}, absmax should be {want_absmax:.6g} but you returned {absmax:.6g}: {hint}."
             )
@@ -198,7 +207,7 @@ def check_quantize_block(quantize_block: Callable) -> None:
             raise CheckFailed(
                 f"For {setting}, you returned index {indices[i].item()} for the value {block[i].item():.4f}, but the "
                 "16 levels have indices 0 to 15: with 16 levels there are 15 midpoints between them, so count the "
-                "midpoints below each scaled value, torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)."
+                "midpoints below each scaled value."
             )
         want = _reference_indices(block, code)
         if torch.equal(indices, want):
@@ -217,22 +226,22 @@ def _diagnose_indices(setting, block, code, indices, want) -> None:
         raise CheckFailed(
             f"For {setting}, the value {scaled[i].item():.6f} lies exactly on the midpoint between levels {lower} and "
             f"{lower + 1} and takes the lower one, {lower}, as in bitsandbytes, but you gave {indices[i].item()}: "
-            "count the midpoints below each value with torch.bucketize(scaled, (code[1:] + code[:-1]) / 2) and its "
-            "default right=False (argmin over distances can tip such a tie upwards, as the distances are rounded)."
+            "count only the midpoints strictly below each value, so that a tie stays with the lower level (argmin "
+            "over distances can tip such a tie upwards, as the distances are rounded)."
         )
     variants = [
         (torch.bucketize(block.clamp(-1, 1), mid),
-         "you looked up the raw values; divide the block by its absmax first (scaled = block * (1 / absmax)), so that "
+         "you looked up the raw values; divide the block by its absmax first, so that "
          "it spans [-1, 1] like the levels"),
         (torch.bucketize(_scaled(block, block.max()), mid),
-         "you scaled by block.max(), but the largest magnitude here is negative: scale by the absolute maximum, "
-         "block.abs().max()"),
+         "you scaled by block.max(), but the largest magnitude here is negative: scale by the largest "
+         "magnitude"),
         (torch.bucketize(scaled, code),
          "you rounded each value up to the next level; take the nearest level, by counting the midpoints between "
-         "levels below it: torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)"),
+         "levels below it"),
         ((torch.bucketize(scaled, code, right=True) - 1).clamp(min=0),
          "you rounded each value down to the level below it; take the nearest level, by counting the midpoints "
-         "between levels below it: torch.bucketize(scaled, (code[1:] + code[:-1]) / 2)"),
+         "between levels below it"),
         (_reference_indices(block, nf4_code()),
          "you used the NF4 levels, but this call passes other levels in code: look the values up in the code "
          "argument"),
@@ -432,31 +441,102 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
              "they share"),
             ([w / 8 for w in want], "that is bytes; the answer is in bits"),
             ([4 + b / 32 for b in blocksizes],
-             "inverted: the absmax's 32 bits are shared by blocksize values, so add 32 / blocksize, not "
-             "blocksize / 32"),
+             "inverted: the absmax's 32 bits are shared by the blocksize values of its block, so a larger "
+             "block should make each weight's share smaller"),
         ]
         if double_quant:
             variants += [
                 ([4 + 32 / b for b in blocksizes],
-                 "with double quantization each absmax is stored in 8 bits, not 32, so it costs 8 / blocksize, plus "
-                 "32 / (blocksize * 256) for one float32 scale per 256 absmaxes"),
+                 "with double quantization each absmax is stored in 8 bits, not 32, and the 8-bit absmaxes "
+                 "need a float32 scale of their own, one per 256 of them"),
                 ([4 + 32 / b + 32 / (b * 256) for b in blocksizes],
-                 "with double quantization each absmax is stored in 8 bits, so it costs 8 / blocksize, not "
-                 "32 / blocksize"),
+                 "with double quantization each absmax is stored in 8 bits, not in 32"),
                 ([4 + 8 / b for b in blocksizes],
-                 "the 8-bit absmaxes need a float32 scale of their own, one per 256 of them: add "
-                 "32 / (blocksize * 256)"),
+                 "the 8-bit absmaxes need a float32 scale of their own, one per 256 of them, and every "
+                 "weight pays its share of it"),
             ]
         else:
             variants += [
-                ([4 + 16 / b for b in blocksizes], "the absmax is a float32, 32 bits, not 16: add 32 / blocksize"),
-                ([32 / b for b in blocksizes], "you left out the 4 bits of the index itself: 4 + 32 / blocksize"),
+                ([4 + 16 / b for b in blocksizes], "the absmax is a float32, 32 bits, not 16"),
+                ([32 / b for b in blocksizes], "you left out the 4 bits of the index itself"),
             ]
-        formula = ("4 + 8 / blocksize + 32 / (blocksize * 256)" if double_quant else "4 + 32 / blocksize")
-        hint = next((h for variant, h in variants if _matches(got, variant)), f"the answer is {formula}")
+        idea = ("the 4-bit index, the 8-bit absmax shared by the block, and the float32 scale shared by 256 blocks"
+                if double_quant else "the 4-bit index and the float32 absmax shared by the block")
+        hint = next((h for variant, h in variants if _matches(got, variant)), f"each weight pays for {idea}")
         i = next(i for i in range(4) if not math.isclose(got[i], want[i], rel_tol=1e-9))
         raise CheckFailed(
             f"For blocksize={blocksizes[i]} and double_quant={double_quant}, you returned {got[i]:g} bits but NF4 "
             f"takes {want[i]:g}: {hint}."
         )
     print("Correct: 4 bits for the index plus its share of the absmax: 4.5 at blocksize 64, 4.127 double-quantized.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 4.5 (open): Lloyd-Max levels against NF4's.
+
+
+def absmax_scaled_normal_blocks(n_blocks: int = 1024, blocksize: int = 64, seed: int = 0) -> torch.Tensor:
+    """Blocks of standard normal values, each divided by its absmax: what a 4-bit code has to round, flattened."""
+    for name, value in (("n_blocks", n_blocks), ("blocksize", blocksize)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    blocks = torch.randn(n_blocks, blocksize, generator=torch.Generator().manual_seed(seed))
+    return (blocks / blocks.abs().amax(dim=1, keepdim=True)).reshape(-1)
+
+
+def squared_error_with_levels(values: torch.Tensor, levels: torch.Tensor) -> float:
+    """Mean squared error of rounding each of ``values`` to its nearest level (levels sorted ascending)."""
+    levels = levels.detach().double()
+    nearest = torch.bucketize(values.double(), _midpoints(levels))
+    return (values.double() - levels[nearest]).pow(2).mean().item()
+
+
+@functools.lru_cache(maxsize=1)
+def _best_levels(steps: int = 100) -> torch.Tensor:
+    return _lloyd_max(absmax_scaled_normal_blocks(seed=0), nf4_code(), steps)
+
+
+def _lloyd_max(values: torch.Tensor, levels: torch.Tensor, steps: int) -> torch.Tensor:
+    """Lloyd's algorithm on sorted values: each cell is a slice, so its mean is a difference of cumulative sums."""
+    values = values.double().sort().values
+    cumsum = torch.cat([torch.zeros(1, dtype=torch.float64), values.cumsum(0)])
+    levels = levels.double().clone()
+    for _ in range(steps):
+        # A value on a midpoint belongs to the lower cell, as bucketize(right=False) sends it.
+        inner = torch.searchsorted(values, _midpoints(levels), right=True)
+        edges = torch.cat([torch.zeros(1, dtype=inner.dtype), inner, torch.tensor([len(values)])])
+        counts = edges[1:] - edges[:-1]
+        sums = cumsum[edges[1:]] - cumsum[edges[:-1]]
+        levels = torch.where(counts > 0, sums / counts.clamp_min(1), levels).sort().values
+    return levels
+
+
+def check_lloyd_max_levels(levels: torch.Tensor) -> None:
+    """Exercise 4.5: 16 levels whose squared error on fresh absmax-scaled normal blocks is as low as Lloyd-Max's."""
+    if not isinstance(levels, torch.Tensor):
+        raise CheckFailed(f"Give your levels as a torch.Tensor, got {_returned(levels)}.")
+    if levels.dim() != 1 or levels.numel() != 16:
+        raise CheckFailed(f"A 4-bit code has 16 levels in a 1-D tensor; yours has shape {tuple(levels.shape)}.")
+    levels = levels.detach().double()
+    if not torch.isfinite(levels).all():
+        raise CheckFailed("Your levels contain NaN or inf: a level whose cell is empty has no mean; leave it where it is.")
+    if not (levels[1:] > levels[:-1]).all():
+        raise CheckFailed("Your levels should be distinct and sorted ascending, as a code table is.")
+    fresh = absmax_scaled_normal_blocks(4096, seed=1)  # not the blocks you fitted on: the error must hold on new ones
+    yours = squared_error_with_levels(fresh, levels)
+    nf4 = squared_error_with_levels(fresh, nf4_code())
+    best = squared_error_with_levels(fresh, _best_levels())
+    if torch.allclose(levels, nf4_code().double(), atol=1e-6):
+        raise CheckFailed("Those are NF4's own levels: start from them if you like, then let the levels move.")
+    if yours > nf4:
+        raise CheckFailed(
+            f"Your levels err more than NF4's on fresh blocks (mean squared error {yours:.3e} against {nf4:.3e}): "
+            "each step should move every level to the centre of the values it receives; did you fit on "
+            "absmax-scaled blocks, values in [-1, 1]?"
+        )
+    if yours > 1.015 * best:
+        raise CheckFailed(
+            f"Your levels beat NF4 ({yours:.3e} against {nf4:.3e}) but not yet the best the checker finds "
+            f"({best:.3e}): let them move for more steps, until they stop."
+        )
+    print(f"Correct: mean squared error {yours:.3e} on fresh blocks, {1 - yours / nf4:.0%} below NF4's {nf4:.3e}.")

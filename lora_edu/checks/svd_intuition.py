@@ -1,15 +1,21 @@
-"""Checkers for chapter 1's exercises: low-rank factors, rank for an energy, parameter counts."""
+"""Checkers for chapter 1's exercises: low-rank factors, rank for an energy, parameter counts, rank for a gain."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor
 from lora_edu.svd import low_rank_approx, low_rank_parameters, rank_for_energy
 
-__all__ = ["check_low_rank_factors", "check_low_rank_parameters", "check_rank_for_energy"]
+__all__ = [
+    "check_low_rank_factors",
+    "check_low_rank_parameters",
+    "check_rank_for_energy",
+    "check_rank_keeping_gain",
+    "gain_kept",
+]
 
 
 def _test_matrices() -> dict[str, torch.Tensor]:
@@ -39,11 +45,11 @@ def check_low_rank_factors(low_rank_factors: Callable[[torch.Tensor, int], tuple
                 continue
             U, S, Vh = torch.linalg.svd(W, full_matrices=False)
             if torch.allclose(product, U[:, :r] @ Vh[:r], atol=1e-6):
-                hint = "B @ A has lost the singular values: put S[:r] into B or A (or split it as sqrt(S) into both)"
+                hint = "B @ A has lost the singular values: one of the factors (or both, shared) must carry them"
             elif r < len(S) and torch.allclose(product, (U[:, -r:] * S[-r:]) @ Vh[-r:], atol=1e-6):
                 hint = "you kept the smallest singular values; torch.linalg.svd returns them largest first, so keep the first r"
             else:
-                hint = "B @ A should equal the truncated SVD U[:, :r] diag(S[:r]) Vh[:r]"
+                hint = "B @ A should be the best rank-r approximation, which the SVD gives: keep its r strongest directions"
             error = torch.linalg.norm(W - product).item()
             raise CheckFailed(
                 f"For {name} and r={r}, ||W - B @ A|| is {error:.3f} but the best rank-{r} "
@@ -76,7 +82,7 @@ def check_rank_for_energy(rank_for_energy_fn: Callable[[torch.Tensor, float], in
         elif answers == [w - 1 for w in wanted]:
             hint = "off by one: index 0 of the cumulative sum is rank 1"
         else:
-            hint = "take the cumulative sum of S**2 over its total and find the first rank where it reaches energy"
+            hint = "E(r) is the share of the squared singular values held by the top r; find the first rank where it reaches energy"
         (name, _, energy), got, want = next(
             (case, a, w) for case, a, w in zip(cases, answers, wanted) if a != w
         )
@@ -103,6 +109,76 @@ def check_low_rank_parameters(count: Callable[[int, int, int], int]) -> None:
         elif got == d * k - want:
             hint = "that is what the factorisation saves; return how many parameters it has"
         else:
-            hint = "B has d * r entries and A has r * k"
+            hint = "count the entries of each factor from its shape, and add them"
         raise CheckFailed(f"For d={d}, k={k}, r={r} you counted {got} but B and A hold {want}: {hint}.")
     print("Correct: rank r costs r (d + k) parameters instead of d k.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 1.4 (open): the smallest rank that keeps a share of the fine-tune's gain.
+
+
+def gain_kept(delta: dict[str, torch.Tensor], ranks: Iterable[int]) -> dict[int, float]:
+    """For each r in ``ranks``, the share of the fine-tune's held-out Milton improvement that W0 + (ΔW)_r keeps.
+
+    ``delta`` maps the tiny GPT-2's parameter names to their updates ΔW; every one is truncated to rank r
+    (its best rank-r approximation). 1.0 is the full fine-tune's gain, 0.0 the pretrained loss: the numbers
+    chapter 1 plots, from the same ``evaluate`` on the same held-out text.
+    """
+    from lora_edu.data import load_split
+    from lora_edu.gpt2 import load_tiny
+    from lora_edu.train import evaluate
+
+    if not isinstance(delta, dict) or not delta:
+        raise TypeError(f"delta must be a non-empty dict of parameter name -> update, got {type(delta).__name__}")
+    ranks = list(ranks)
+    for r in ranks:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"ranks must be non-negative ints, got {r!r}")
+    val = load_split("milton", "val")
+    model = load_tiny("cpu")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(delta) - set(params))
+    if unknown:
+        raise KeyError(f"delta has names the tiny GPT-2 does not have: {unknown[:3]}")
+    W0 = {name: params[name].detach().clone() for name in delta}
+
+    def loss_with(rank: int | None) -> float:
+        with torch.no_grad():
+            for name, d_w in delta.items():
+                d_w = d_w.detach().to("cpu", torch.float32)
+                if rank == 0:
+                    d_w = torch.zeros_like(d_w)
+                elif rank is not None:
+                    d_w = low_rank_approx(d_w, min(rank, *d_w.shape))
+                params[name].copy_(W0[name] + d_w)
+        return evaluate(model, val, model.config.block_size)
+
+    before, after = loss_with(0), loss_with(None)
+    return {r: (before - loss_with(r)) / (before - after) for r in ranks}
+
+
+def check_rank_keeping_gain(r: int, delta: dict[str, torch.Tensor], share: float = 0.9) -> None:
+    """Exercise 1.4: ``r`` is the smallest rank at which every truncated update keeps ``share`` of the gain."""
+    if isinstance(r, torch.Tensor) and r.numel() == 1:
+        r = r.item()
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckFailed(f"The answer should be a rank, a positive int; got {r!r}.")
+    largest = max(min(d.shape) for d in delta.values())
+    if r > largest:
+        raise CheckFailed(f"Rank {r} is more than any of these matrices has ({largest}): the answer lies below.")
+    kept_at = gain_kept(delta, [r, r - 1] if r > 1 else [r])
+    kept = kept_at[r]
+    if kept < share:
+        raise CheckFailed(
+            f"At rank {r} the truncated updates keep {kept:.1%} of the gain, short of {share:.0%}: the rank you want "
+            "is higher. Did you measure the loss after truncating every matrix, on the held-out text?"
+        )
+    if r > 1:
+        below = kept_at[r - 1]
+        if below >= share:
+            raise CheckFailed(
+                f"Rank {r} keeps {kept:.1%}, but rank {r - 1} already keeps {below:.1%}: the smallest rank is lower. "
+                "Test every rank, not only powers of two."
+            )
+    print(f"Correct: rank {r} is the smallest that keeps {share:.0%} of the gain ({kept:.1%}).")
