@@ -4,7 +4,8 @@ Part "grid": the shipped tiny GPT-2 (width 128), LoRA r=8, alpha=16 on all 16 bl
 matrices, 100 steps on Milton (batch 16 x 128 bytes, warm-up 10, cosine to 0.1), AdamW
 without weight decay. eta_A and eta_B each run over a ladder of rates sqrt(10) apart;
 the grid starts at 3e-3 to 3e-2 and grows by a row and a column whenever the best cell
-(mean over the seeds so far) lies on its edge, so that the optimum ends inside it.
+of seed 0 lies on its edge, so that the optimum ends inside it; seeds 1 and 2 then run
+the 3 x 3 block of cells around the best cell (mean over seeds), again until it settles.
 
 Part "width": small GPT-2s (2 layers, 4 heads, n_embd 128, 256, 512), each pretrained
 from a fresh init for 150 steps on Shakespeare (the same recipe at every width), then
@@ -15,7 +16,7 @@ shrinks like 1/n, so the best lambda at a fixed eta_B should grow with the width
 
 Every run ends with the loss on a fixed held-out set (the first EVAL_BATCHES x 64
 windows of Milton's validation split); seeds 0, 1, 2 set the LoRA init and the batch
-order. Runs go seed by seed (grid, then widths), and each is saved as soon as it ends:
+order. The grid runs first, then the widths seed by seed; each run is saved as soon as it ends:
 an interrupted sweep keeps what it measured, and running the script again resumes it.
 One thread (two threads on a shared 2-core machine were 8 times slower). About 40
 minutes on 2 CPU cores shared with other work.
@@ -184,34 +185,45 @@ def main() -> None:
         if grid_runs:
             span[key] = [min(LADDER.index(r[key]) for r in grid_runs), max(LADDER.index(r[key]) for r in grid_runs) + 1]
 
-    for done, seed in enumerate(SEEDS):
-        while True:  # the grid, for the seeds so far, grown until its best cell is inside
-            have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
-            for s in SEEDS[: done + 1]:
-                for lr_a in LADDER[slice(*span["lr_a"])]:
-                    for lr_b in LADDER[slice(*span["lr_b"])]:
-                        if (lr_a, lr_b, s) in have:
-                            continue
-                        t = time.time()
-                        loss = lora_run({}, None, lr_a, lr_b, s, GRID, milton)
-                        grid_runs.append({"lr_a": lr_a, "lr_b": lr_b, "seed": s, "loss": loss,
-                                          "seconds": round(time.time() - t, 1)})
-                        save(record, start)
-                        print(f"grid seed {s} lr_a {lr_a:g} lr_b {lr_b:g}: {loss:.4f} "
-                              f"({time.time() - t:.0f} s)", flush=True)
-            table = cells(grid_runs, "lr_a", "lr_b")
-            best = min(table, key=lambda k: mean(table[k]))
-            grown = False
-            for key, value in zip(("lr_a", "lr_b"), best):
-                lo, hi = span[key]
-                if LADDER.index(value) == lo and lo > 0:
-                    span[key][0] -= 1
-                    grown = True
-                elif LADDER.index(value) == hi - 1 and hi < len(LADDER):
-                    span[key][1] += 1
-                    grown = True
-            if not grown:
-                break
+    def run_grid(lr_a: float, lr_b: float, seed: int) -> None:
+        t = time.time()
+        loss = lora_run({}, None, lr_a, lr_b, seed, GRID, milton)
+        grid_runs.append({"lr_a": lr_a, "lr_b": lr_b, "seed": seed, "loss": loss, "seconds": round(time.time() - t, 1)})
+        save(record, start)
+        print(f"grid seed {seed} lr_a {lr_a:g} lr_b {lr_b:g}: {loss:.4f} ({time.time() - t:.0f} s)", flush=True)
+
+    def best_cell() -> tuple[float, float]:
+        table = cells(grid_runs, "lr_a", "lr_b")
+        return min(table, key=lambda k: mean(table[k]))
+
+    while True:  # seed 0 over the whole grid, grown until its best cell is inside
+        have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
+        for lr_a in LADDER[slice(*span["lr_a"])]:
+            for lr_b in LADDER[slice(*span["lr_b"])]:
+                if (lr_a, lr_b, SEEDS[0]) not in have:
+                    run_grid(lr_a, lr_b, SEEDS[0])
+        grown = False
+        for key, value in zip(("lr_a", "lr_b"), best_cell()):
+            lo, hi = span[key]
+            if LADDER.index(value) == lo and lo > 0:
+                span[key][0] -= 1
+                grown = True
+            elif LADDER.index(value) == hi - 1 and hi < len(LADDER):
+                span[key][1] += 1
+                grown = True
+        if not grown:
+            break
+    while True:  # the other seeds on the 3 x 3 block around the best cell (mean over seeds), until it settles
+        best = best_cell()
+        around = [[v for v in LADDER[slice(*span[key])] if abs(LADDER.index(v) - LADDER.index(centre)) <= 1]
+                  for key, centre in zip(("lr_a", "lr_b"), best)]
+        have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
+        missing = [(a, b, s) for s in SEEDS[1:] for a in around[0] for b in around[1] if (a, b, s) not in have]
+        if not missing:
+            break
+        run_grid(*missing[0])
+
+    for seed in SEEDS:
         for width in WIDTHS:
             config, base = width_base(width)
             data = milton
