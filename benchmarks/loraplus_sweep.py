@@ -5,7 +5,8 @@ matrices, 100 steps on Milton (batch 16 x 128 bytes, warm-up 10, cosine to 0.1),
 without weight decay. eta_A and eta_B each run over a ladder of rates sqrt(10) apart;
 the grid starts at 3e-3 to 3e-2 and grows by a row and a column whenever the best cell
 of seed 0 lies on its edge, so that the optimum ends inside it; seeds 1 and 2 then run
-the 3 x 3 block of cells around the best cell (mean over seeds), again until it settles.
+the best cell, its four neighbours and the best shared rate (the best cell of the
+diagonal eta_A = eta_B), chosen again on the mean over seeds until they settle.
 
 Part "width": small GPT-2s (2 layers, 4 heads, n_embd 128, 256, 512), each pretrained
 from a fresh init for 150 steps on Shakespeare (the same recipe at every width), then
@@ -213,12 +214,19 @@ def main() -> None:
                 grown = True
         if not grown:
             break
-    while True:  # the other seeds on the 3 x 3 block around the best cell (mean over seeds), until it settles
+    while True:  # the other seeds on the best cell, its four neighbours and the best shared rate, until it settles
         best = best_cell()
-        around = [[v for v in LADDER[slice(*span[key])] if abs(LADDER.index(v) - LADDER.index(centre)) <= 1]
-                  for key, centre in zip(("lr_a", "lr_b"), best)]
+        table = cells(grid_runs, "lr_a", "lr_b")
+        shared = min((k for k in table if k[0] == k[1]), key=lambda k: mean(table[k]))
+        block = [best, shared]
+        for axis in (0, 1):
+            for step in (-1, 1):
+                i = LADDER.index(best[axis]) + step
+                key = ("lr_a", "lr_b")[axis]
+                if span[key][0] <= i < span[key][1]:
+                    block.append(tuple(LADDER[i] if k == axis else best[k] for k in (0, 1)))
         have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
-        missing = [(a, b, s) for s in SEEDS[1:] for a in around[0] for b in around[1] if (a, b, s) not in have]
+        missing = [(a, b, s) for s in SEEDS[1:] for a, b in block if (a, b, s) not in have]
         if not missing:
             break
         run_grid(*missing[0])
