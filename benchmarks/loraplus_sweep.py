@@ -54,7 +54,7 @@ GRID = replace(MILTON_FINE_TUNE, steps=100, warmup_steps=10, eval_every=100, eva
 
 WIDTHS = [128, 256, 512]
 WIDTH_LR_B = 1e-2
-WIDTH_RATIOS = [1, 4, 16, 64]
+WIDTH_RATIOS = [0.25, 1, 4, 16, 64]  # 0.25: A faster than B, to see whether 1 is an edge
 PRETRAIN = TrainConfig(steps=150, batch_size=16, block_size=64, lr=2e-3, weight_decay=0.1,
                        warmup_steps=30, min_lr_ratio=0.1, eval_every=150, eval_batches=4)
 WIDTH = replace(PRETRAIN, steps=100, lr=1e-3, weight_decay=0.0, warmup_steps=10, eval_every=100,
@@ -146,7 +146,7 @@ def summarize(record: dict) -> dict:
         table = cells(runs, "ratio")
         by_ratio = {str(k[0]): {"mean": mean(v), "stderr": stderr(v), "n": len(v)} for k, v in sorted(table.items())}
         best = min(by_ratio, key=lambda k: by_ratio[k]["mean"])
-        widths[str(width)] = {"best_ratio": int(best), "by_ratio": by_ratio}
+        widths[str(width)] = {"best_ratio": float(best), "by_ratio": by_ratio}
     summary["width"] = widths
     return summary
 
