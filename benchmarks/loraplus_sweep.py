@@ -1,8 +1,26 @@
-"""LoRA+ on the tiny GPT-2 adapted to Milton: a sweep of the ratio and an (eta_A, eta_B) grid.
+"""LoRA+ sweeps for Chapter 3: an (eta_A, eta_B) grid, and the best ratio at three widths.
 
-Chapter 3 plots the results and runs a shorter ratio sweep itself. Every run is LoRA
-r=8, alpha=16 on all 16 block matrices, lora_edu.train.MILTON_FINE_TUNE's schedule
-(200 steps), AdamW without weight decay, seed 0. About 8 minutes on 2 CPU cores.
+Part "grid": the shipped tiny GPT-2 (width 128), LoRA r=8, alpha=16 on all 16 block
+matrices, 100 steps on Milton (batch 16 x 128 bytes, warm-up 10, cosine to 0.1), AdamW
+without weight decay. eta_A and eta_B each run over a ladder of rates sqrt(10) apart;
+the grid starts at 3e-3 to 3e-2 and grows by a row and a column whenever the best cell
+of seed 0 lies on its edge, so that the optimum ends inside it; seeds 1 and 2 then run
+the best cell, its four neighbours and the best shared rate (the best cell of the
+diagonal eta_A = eta_B), chosen again on the mean over seeds until they settle.
+
+Part "width": small GPT-2s (2 layers, 4 heads, n_embd 128, 256, 512), each pretrained
+from a fresh init for 150 steps on Shakespeare (the same recipe at every width), then
+LoRA r=8, alpha=16 on Milton for 100 steps (batch 16 x 64 bytes) with eta_B fixed at
+WIDTH_LR_B and eta_A = eta_B / lambda for lambda in WIDTH_RATIOS. The theory (LoRA+,
+Section 4) says that eta_B's best value does not depend on the width and eta_A's
+shrinks like 1/n, so the best lambda at a fixed eta_B should grow with the width.
+
+Every run ends with the loss on a fixed held-out set (the first EVAL_BATCHES x 64
+windows of Milton's validation split); seeds 0, 1, 2 set the LoRA init and the batch
+order. The grid runs first, then the widths seed by seed; each run is saved as soon as it ends:
+an interrupted sweep keeps what it measured, and running the script again resumes it.
+One thread (two threads on a shared 2-core machine were 8 times slower). About 40
+minutes on 2 CPU cores shared with other work.
 
     python benchmarks/loraplus_sweep.py   # writes benchmarks/results/loraplus_sweep.json
 """
@@ -12,6 +30,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -20,62 +39,215 @@ from pathlib import Path
 import torch
 
 from lora_edu.data import load_split
-from lora_edu.gpt2 import load_tiny
+from lora_edu.gpt2 import GPT2, GPT2Config, load_tiny
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.loraplus import create_loraplus_optimizer
-from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
+from lora_edu.train import MILTON_FINE_TUNE, TrainConfig, evaluate, seed_everything, train
 
-RANK, ALPHA, SEED = 8, 16, 0
-LR_A = 1e-3
-RATIOS = [1, 2, 4, 8, 16, 32]
-GRID = [3e-4, 1e-3, 3e-3, 1e-2]  # both eta_A and eta_B
-CONFIG = replace(MILTON_FINE_TUNE, eval_every=10, eval_batches=2, seed=SEED)
+RANK, ALPHA = 8, 16
+SEEDS = [0, 1, 2]
+LADDER = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # sqrt(10) apart
+GRID_START = (3, 6)  # LADDER[3:6], 3e-3 to 3e-2, for both eta_A and eta_B
+EVAL_BATCHES = 2
+# train() evaluates only at steps 0 and 100, on one batch: the real measurement is lora_run's.
+GRID = replace(MILTON_FINE_TUNE, steps=100, warmup_steps=10, eval_every=100, eval_batches=1)
+
+WIDTHS = [128, 256, 512]
+WIDTH_LR_B = 1e-2
+WIDTH_RATIOS = [0.25, 1, 4, 16, 64]  # 0.25: A faster than B, to see whether 1 is an edge
+PRETRAIN = TrainConfig(steps=150, batch_size=16, block_size=64, lr=2e-3, weight_decay=0.1,
+                       warmup_steps=30, min_lr_ratio=0.1, eval_every=150, eval_batches=4)
+WIDTH = replace(PRETRAIN, steps=100, lr=1e-3, weight_decay=0.0, warmup_steps=10, eval_every=100,
+                eval_batches=1)
+
 OUT = Path(__file__).resolve().parent / "results" / "loraplus_sweep.json"
+CACHE = Path(tempfile.gettempdir()) / "lora_edu_loraplus_width"  # the pretrained bases, for a resumed run
 
 
-def run(lr_a: float, lr_b: float) -> dict:
-    seed_everything(SEED)
-    model = add_lora(load_tiny(), "all-linear", r=RANK, alpha=ALPHA)
+def make_optimizer(model: torch.nn.Module, lr_a: float, lr_b: float) -> torch.optim.Optimizer:
     if lr_b >= lr_a:
-        optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr_a, ratio=lr_b / lr_a)
-    else:  # the grid's lower triangle, which LoRA+ (ratio >= 1) refuses: plain groups
-        layers = lora_layers(model).values()
-        optimizer = torch.optim.AdamW([
-            {"params": [layer.lora_A.weight for layer in layers], "lr": lr_a, "weight_decay": 0.0},
-            {"params": [layer.lora_B.weight for layer in layers], "lr": lr_b, "weight_decay": 0.0},
-        ])
-    milton_val = load_split("milton", "val")
-    history = train(model, load_split("milton", "train"), milton_val, replace(CONFIG, lr=lr_a), optimizer, progress=False)
-    return {
-        "lr_a": lr_a,
-        "lr_b": lr_b,
-        "milton_val_loss": evaluate(model, milton_val, CONFIG.block_size),
-        "history": {"step": history.step, "val_loss": history.val_loss},
-    }
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr_a, ratio=lr_b / lr_a)
+    layers = lora_layers(model).values()  # below the diagonal, which LoRA+ (ratio >= 1) refuses
+    return torch.optim.AdamW([
+        {"params": [layer.lora_A.weight for layer in layers], "lr": lr_a, "weight_decay": 0.0},
+        {"params": [layer.lora_B.weight for layer in layers], "lr": lr_b, "weight_decay": 0.0},
+    ])
+
+
+def lora_run(base: dict, config: GPT2Config | None, lr_a: float, lr_b: float, seed: int, run_config: TrainConfig,
+             data: dict) -> float:
+    """LoRA from the base weights at (lr_a, lr_b); the final loss on the whole held-out split."""
+    seed_everything(seed)
+    model = load_tiny() if config is None else GPT2(config)
+    if config is not None:
+        model.load_state_dict(base)
+    model = add_lora(model, "all-linear", r=RANK, alpha=ALPHA)
+    run_config = replace(run_config, lr=lr_a, seed=seed)
+    short_val = data["val"][: run_config.block_size + 1]  # train()'s own evaluations: keep them cheap
+    train(model, data["train"], short_val, run_config, make_optimizer(model, lr_a, lr_b), progress=False)
+    return evaluate(model, data["val"], run_config.block_size, max_batches=EVAL_BATCHES)
+
+
+def width_base(width: int) -> tuple[GPT2Config, dict]:
+    """A small GPT-2 of this width, pretrained briefly on Shakespeare (cached on disk)."""
+    config = GPT2Config(block_size=PRETRAIN.block_size, n_layer=2, n_head=4, n_embd=width)
+    path = CACHE / f"base_{width}.pt"
+    if path.exists():
+        return config, torch.load(path)
+    seed_everything(0)
+    model = GPT2(config)
+    history = train(model, load_split("shakespeare", "train"), load_split("shakespeare", "val"), PRETRAIN,
+                    progress=False)
+    print(f"width {width}: pretrained, Shakespeare val loss {history.final_val_loss:.3f}", flush=True)
+    CACHE.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return config, model.state_dict()
+
+
+def mean(values: list[float]) -> float:
+    """The mean; a diverged run (a non-finite loss) makes its cell infinitely bad."""
+    if not all(v == v and abs(v) != float("inf") for v in values):
+        return float("inf")
+    return sum(values) / len(values)
+
+
+def stderr(values: list[float]) -> float | None:
+    n = len(values)
+    if n < 2:
+        return None
+    m = mean(values)
+    return (sum((v - m) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
+def cells(runs: list[dict], *keys: str) -> dict[tuple, list[float]]:
+    out: dict[tuple, list[float]] = {}
+    for run in runs:
+        out.setdefault(tuple(run[k] for k in keys), []).append(run["loss"])
+    return out
+
+
+def summarize(record: dict) -> dict:
+    summary: dict = {}
+    grid = record["results"]["grid"]
+    if grid:
+        table = cells(grid, "lr_a", "lr_b")
+        (lr_a, lr_b), losses = min(table.items(), key=lambda kv: mean(kv[1]))
+        diagonal = {k: v for k, v in table.items() if k[0] == k[1]}
+        (lr_d, _), d_losses = min(diagonal.items(), key=lambda kv: mean(kv[1]))
+        summary["grid"] = {
+            "best": {"lr_a": lr_a, "lr_b": lr_b, "mean": mean(losses), "stderr": stderr(losses), "n": len(losses)},
+            "best_shared": {"lr": lr_d, "mean": mean(d_losses), "stderr": stderr(d_losses), "n": len(d_losses)},
+        }
+    widths = {}
+    for width in WIDTHS:
+        runs = [r for r in record["results"]["width"] if r["width"] == width]
+        if not runs:
+            continue
+        table = cells(runs, "ratio")
+        by_ratio = {str(k[0]): {"mean": mean(v), "stderr": stderr(v), "n": len(v)} for k, v in sorted(table.items())}
+        best = min(by_ratio, key=lambda k: by_ratio[k]["mean"])
+        widths[str(width)] = {"best_ratio": float(best), "by_ratio": by_ratio}
+    summary["width"] = widths
+    return summary
+
+
+def save(record: dict, start: float) -> None:
+    record["wall_seconds"] = record.get("wall_seconds_before", 0) + round(time.time() - start)
+    record["summary"] = summarize(record)
+    OUT.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     start = time.time()
-    ratios = {}
-    for ratio in RATIOS:
-        ratios[str(ratio)] = run(LR_A, ratio * LR_A)
-        print(f"ratio {ratio}: {ratios[str(ratio)]['milton_val_loss']:.3f}", flush=True)
-    grid = []
-    for lr_a in GRID:
-        for lr_b in GRID:
-            grid.append(run(lr_a, lr_b))
-            print(f"lr_a {lr_a:g} lr_b {lr_b:g}: {grid[-1]['milton_val_loss']:.3f}", flush=True)
-    record = {
+    record = json.loads(OUT.read_text()) if OUT.exists() else {}
+    if record.get("results", {}).keys() != {"grid", "width"}:  # an older layout: start afresh
+        record = {"results": {"grid": [], "width": []}}
+    record.update({
         "benchmark": "loraplus_sweep",
         "command": "python benchmarks/loraplus_sweep.py",
-        "config": {**asdict(CONFIG), "rank": RANK, "alpha": ALPHA, "lr_a": LR_A},
-        "results": {"ratios": ratios, "grid": grid},
+        "config": {
+            "rank": RANK, "alpha": ALPHA, "seeds": SEEDS, "ladder": LADDER,
+            "grid": asdict(GRID),
+            "eval_batches": EVAL_BATCHES,
+            "width": {"widths": WIDTHS, "lr_b": WIDTH_LR_B, "ratios": WIDTH_RATIOS, "n_layer": 2, "n_head": 4,
+                      "pretrain": asdict(PRETRAIN), "lora": asdict(WIDTH)},
+        },
         "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
+        "complete": False,
+    })
+    record["wall_seconds_before"] = record.get("wall_seconds", 0)
+    milton = {"train": load_split("milton", "train"), "val": load_split("milton", "val")}
+    grid_runs, width_runs = record["results"]["grid"], record["results"]["width"]
+    span = {"lr_a": list(GRID_START), "lr_b": list(GRID_START)}  # [lo, hi) indices into LADDER
+    for key in span:  # resume with the grid as it had grown
+        if grid_runs:
+            span[key] = [min(LADDER.index(r[key]) for r in grid_runs), max(LADDER.index(r[key]) for r in grid_runs) + 1]
+
+    def run_grid(lr_a: float, lr_b: float, seed: int) -> None:
+        t = time.time()
+        loss = lora_run({}, None, lr_a, lr_b, seed, GRID, milton)
+        grid_runs.append({"lr_a": lr_a, "lr_b": lr_b, "seed": seed, "loss": loss, "seconds": round(time.time() - t, 1)})
+        save(record, start)
+        print(f"grid seed {seed} lr_a {lr_a:g} lr_b {lr_b:g}: {loss:.4f} ({time.time() - t:.0f} s)", flush=True)
+
+    def best_cell() -> tuple[float, float]:
+        table = cells(grid_runs, "lr_a", "lr_b")
+        return min(table, key=lambda k: mean(table[k]))
+
+    while True:  # seed 0 over the whole grid, grown until its best cell is inside
+        have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
+        for lr_a in LADDER[slice(*span["lr_a"])]:
+            for lr_b in LADDER[slice(*span["lr_b"])]:
+                if (lr_a, lr_b, SEEDS[0]) not in have:
+                    run_grid(lr_a, lr_b, SEEDS[0])
+        grown = False
+        for key, value in zip(("lr_a", "lr_b"), best_cell()):
+            lo, hi = span[key]
+            if LADDER.index(value) == lo and lo > 0:
+                span[key][0] -= 1
+                grown = True
+            elif LADDER.index(value) == hi - 1 and hi < len(LADDER):
+                span[key][1] += 1
+                grown = True
+        if not grown:
+            break
+    while True:  # the other seeds on the best cell, its four neighbours and the best shared rate, until it settles
+        best = best_cell()
+        table = cells(grid_runs, "lr_a", "lr_b")
+        shared = min((k for k in table if k[0] == k[1]), key=lambda k: mean(table[k]))
+        block = [best, shared]
+        for axis in (0, 1):
+            for step in (-1, 1):
+                i = LADDER.index(best[axis]) + step
+                key = ("lr_a", "lr_b")[axis]
+                if span[key][0] <= i < span[key][1]:
+                    block.append(tuple(LADDER[i] if k == axis else best[k] for k in (0, 1)))
+        have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
+        missing = [(a, b, s) for s in SEEDS[1:] for a, b in block if (a, b, s) not in have]
+        if not missing:
+            break
+        run_grid(*missing[0])
+
+    for seed in SEEDS:
+        for width in WIDTHS:
+            config, base = width_base(width)
+            data = milton
+            have = {(r["width"], r["ratio"], r["seed"]) for r in width_runs}
+            for ratio in WIDTH_RATIOS:
+                if (width, ratio, seed) in have:
+                    continue
+                t = time.time()
+                lr_a = WIDTH_LR_B / ratio
+                loss = lora_run(base, config, lr_a, WIDTH_LR_B, seed, WIDTH, data)
+                width_runs.append({"width": width, "lr_a": lr_a, "lr_b": WIDTH_LR_B, "ratio": ratio, "seed": seed,
+                                   "loss": loss, "seconds": round(time.time() - t, 1)})
+                save(record, start)
+                print(f"width {width} seed {seed} ratio {ratio}: {loss:.4f} ({time.time() - t:.0f} s)", flush=True)
+    record["complete"] = True
+    save(record, start)
     print(f"wrote {OUT}", file=sys.stderr)
 
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from lora_edu.lora import lora_layers
 
-__all__ = ["create_loraplus_optimizer", "loraplus_param_groups"]
+__all__ = ["create_loraplus_optimizer", "loraplus_param_groups", "toy_lora_losses"]
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -122,3 +122,58 @@ def create_loraplus_optimizer(
             "ignored; pass weight_decay=0 or use an optimizer that decays (AdamW)"
         )
     return optimizer
+
+
+def toy_lora_losses(
+    n: int,
+    lrs_a: list[float],
+    lrs_b: list[float],
+    steps: int = 50,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Chapter 3's toy LoRA trained by Adam at every (eta_A, eta_B): the final losses, shape (len(lrs_a), len(lrs_b)).
+
+    The model is f(x) = b (a . x), a in R^n started at N(0, 1/n) entries and b at zero (the
+    rank-1, one-output LoRA of the LoRA+ paper's Section 3). The target is t . x with
+    t = (a0 + u) / sqrt(2), u an independent N(0, 1/n) vector: half of the feature to learn
+    is new, so A has to move. Each step draws ``batch_size`` fresh inputs x ~ N(0, I_n) and
+    takes one Adam step (PyTorch's defaults: betas 0.9, 0.999, eps 1e-8) on
+    0.5 (f(x) - t . x)^2, averaged over the batch, every pair of rates at once. The loss
+    returned is the expected one over fresh inputs, 0.5 |b a - t|^2; a run that diverged
+    gives inf. Every pair sees the same inputs (the same ``seed``). float64 throughout.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, rates in (("lrs_a", lrs_a), ("lrs_b", lrs_b)):
+        if len(rates) == 0:
+            raise ValueError(f"{name} must be a non-empty list of learning rates, got {rates!r}")
+        for value in rates:
+            _check_positive(name, value)
+    g = torch.Generator().manual_seed(seed)
+    a0 = torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    u = torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+    target = (a0 + u) / math.sqrt(2)
+    lr_a = torch.tensor(lrs_a, dtype=torch.float64).repeat_interleave(len(lrs_b))[:, None]  # (P, 1)
+    lr_b = torch.tensor(lrs_b, dtype=torch.float64).repeat(len(lrs_a))  # (P,)
+    a = a0.repeat(len(lr_b), 1)  # (P, n): one toy per pair of rates
+    b = torch.zeros(len(lr_b), dtype=torch.float64)
+    moments = [[torch.zeros_like(a), torch.zeros_like(a)], [torch.zeros_like(b), torch.zeros_like(b)]]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, steps + 1):
+        x = torch.randn(batch_size, n, generator=g, dtype=torch.float64)  # (batch, n)
+        z = a @ x.T  # (P, batch): the feature
+        residual = b[:, None] * z - x @ target  # (P, batch)
+        grad_b = (residual * z).mean(1)
+        grad_a = (residual * b[:, None]) @ x / batch_size  # (P, n); zero while b is zero
+        for param, grad, (m, v), lr in ((a, grad_a, moments[0], lr_a), (b, grad_b, moments[1], lr_b)):
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            m_hat, v_hat = m / (1 - beta1**step), v / (1 - beta2**step)
+            param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+    loss = 0.5 * ((b[:, None] * a - target) ** 2).sum(1)
+    loss = torch.where(torch.isfinite(loss), loss, torch.full_like(loss, math.inf))
+    return loss.view(len(lrs_a), len(lrs_b))

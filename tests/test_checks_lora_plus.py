@@ -273,10 +273,10 @@ WRONG_STEPS = {
     "gradient step": (make_step(sign=lambda g: g), "plain gradient step"),
     "ascent": (make_step(direction=1), "climbed the loss"),
     "grad_a without b": (make_step(grad_a=lambda r, a, b, x: r * x), "a moved though b = 0: .* B = 0 means A gets no gradient"),
-    "grad_b without a @ x": (make_step(grad_b=lambda r, a, b, x: r), r"left out the factor a @ x"),
+    "grad_b without a @ x": (make_step(grad_b=lambda r, a, b, x: r), r"b's gradient lost a factor.*the feature a \. x"),
     "sign(0) = 1": (make_step(sign=lambda g: torch.where(g >= 0, 1.0, -1.0).to(g.dtype)), r"sign\(0\) is 0, not 1"),
     "sign(0) = -1": (make_step(sign=lambda g: torch.where(g > 0, 1.0, -1.0).to(g.dtype)), r"sign\(0\) is 0, not -1"),
-    "half steps": (make_step(lrs=lambda lr_a, lr_b: (lr_a / 2, lr_b / 2)), r"your step is wrong: a_new = a - lr_a \* sign"),
+    "half steps": (make_step(lrs=lambda lr_a, lr_b: (lr_a / 2, lr_b / 2)), r"your step is wrong: derive dL/da and dL/db"),
     "a in place": (in_place_a, r"changed its argument a in place.*a\.sub_"),
     "b in place": (in_place_b, r"changed its argument b in place.*write b - lr_b \* \.\.\., not b -= "),
     "x in place": (lambda a, b, x, y, lr_a, lr_b: (right_step(a, b, x, y, lr_a, lr_b), x.zero_())[0],
@@ -309,3 +309,92 @@ def test_sign_descent_cases_include_b_zero_and_both_signs():
 
     bs = [b.item() for _, b, *_ in _sign_cases()]
     assert 0.0 in bs and any(b > 0 for b in bs) and any(b < 0 for b in bs)
+
+
+# --- Exercise 3.4 (open): the toy's best pair of learning rates at two widths ---
+
+def test_toy_lora_losses_is_pytorch_adam():
+    """The vectorised toy takes exactly torch.optim.Adam's steps, pair by pair."""
+    import math
+
+    from lora_edu.loraplus import toy_lora_losses
+
+    n, lrs_a, lrs_b, steps, batch = 16, [2**-6, 2**-3], [2**-4, 2**-1], 12, 4
+    got = toy_lora_losses(n, lrs_a, lrs_b, steps=steps, batch_size=batch, seed=5)
+    for i, lr_a in enumerate(lrs_a):
+        for j, lr_b in enumerate(lrs_b):
+            g = torch.Generator().manual_seed(5)
+            a0 = torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+            u = torch.randn(n, generator=g, dtype=torch.float64) / math.sqrt(n)
+            t = (a0 + u) / math.sqrt(2)
+            a, b = a0.clone().requires_grad_(), torch.zeros((), dtype=torch.float64, requires_grad=True)
+            optimizer = torch.optim.Adam([{"params": [a], "lr": lr_a}, {"params": [b], "lr": lr_b}])
+            for _ in range(steps):
+                x = torch.randn(batch, n, generator=g, dtype=torch.float64)
+                loss = (0.5 * (b * (x @ a) - x @ t) ** 2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            assert got[i, j].item() == pytest.approx(0.5 * ((b * a - t) ** 2).sum().item(), rel=1e-9)
+
+
+def test_toy_lora_losses_rejects_bad_input():
+    from lora_edu.loraplus import toy_lora_losses
+
+    for kwargs, message in [({"n": 0}, "n must be a positive int"), ({"lrs_a": []}, "lrs_a must be a non-empty"),
+                            ({"lrs_b": [-1.0]}, "lrs_b must be a finite number > 0"),
+                            ({"steps": 1.5}, "steps must be a positive int")]:
+        args = {"n": 8, "lrs_a": [1e-3], "lrs_b": [1e-2], **kwargs}
+        with pytest.raises(ValueError, match=message):
+            toy_lora_losses(**args)
+
+
+@pytest.fixture(scope="module")
+def toy_optima():
+    """The reference sweep's best pair at each width, and every pair within the checker's slack."""
+    from lora_edu.checks.lora_plus import TOY_LRS_A, TOY_LRS_B, TOY_SLACK, TOY_WIDTHS, _toy_mean_losses
+
+    out = {}
+    for n in TOY_WIDTHS:
+        losses = _toy_mean_losses(n, TOY_LRS_A, TOY_LRS_B)
+        i, j = divmod(int(losses.argmin()), len(TOY_LRS_B))
+        far = (losses > 2 * TOY_SLACK * losses.min()).nonzero().tolist()
+        out[n] = {"best": (TOY_LRS_A[i], TOY_LRS_B[j]), "far": [(TOY_LRS_A[a], TOY_LRS_B[b]) for a, b in far]}
+    return out
+
+
+def test_toy_best_pair_accepts_the_optimum_and_a_near_one(toy_optima, capsys):
+    from lora_edu.checks.lora_plus import check_toy_best_pair
+
+    best = {n: o["best"] for n, o in toy_optima.items()}
+    check_toy_best_pair(best)
+    assert capsys.readouterr().out.startswith("Correct:")
+    check_toy_best_pair({n: [torch.tensor(a), b] for n, (a, b) in best.items()})  # tensors and lists are fine
+    assert capsys.readouterr().out.startswith("Correct:")
+
+
+def test_toy_best_pair_ratio_grows_with_width(toy_optima):
+    """What the exercise is about: at the reference optimum, B's rate over A's grows with the width."""
+    (a64, b64), (a1024, b1024) = toy_optima[64]["best"], toy_optima[1024]["best"]
+    assert b1024 / a1024 >= 4 * b64 / a64
+
+
+def test_toy_best_pair_rejects(toy_optima):
+    from lora_edu.checks.lora_plus import check_toy_best_pair
+
+    best = {n: o["best"] for n, o in toy_optima.items()}
+    wrong = [
+        ({64: best[64], 1024: best[1024][::-1]}, "only the other way round"),
+        ({64: best[64], 1024: (best[1024][1], best[1024][1])}, "one shared rate is not enough"),
+        ({64: best[64], 1024: toy_optima[1024]["far"][0]}, "more than 15% above"),
+        ({64: (1e3, 1e3), 1024: best[1024]}, "diverges"),
+        ({64: best[64]}, "exactly the keys 64 and 1024"),
+        ({"64": best[64], "1024": best[1024]}, "as ints"),
+        ({64: 8.0, 1024: best[1024]}, r"a pair \(eta_A, eta_B\)"),
+        ({64: (0.0, 1e-2), 1024: best[1024]}, "eta_A should be a positive learning rate"),
+        ([best[64], best[1024]], "should be a dict"),
+        (None, "did you assign it"),
+    ]
+    for answer, message in wrong:
+        with pytest.raises(CheckFailed, match=message):
+            check_toy_best_pair(answer)

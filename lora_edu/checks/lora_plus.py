@@ -1,7 +1,9 @@
-"""Checkers for chapter 3's exercises: LoRA+'s parameter groups, reading an optimizer, Adam's first step."""
+"""Checkers for chapter 3's exercises: LoRA+'s parameter groups, reading an optimizer, Adam's first step,
+and the open experiment: the best ratio of the toy at two widths."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -11,9 +13,9 @@ import torch.nn as nn
 from lora_edu.checks._core import CheckFailed, call_learner
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, lora_layers
-from lora_edu.loraplus import create_loraplus_optimizer, loraplus_param_groups
+from lora_edu.loraplus import create_loraplus_optimizer, loraplus_param_groups, toy_lora_losses
 
-__all__ = ["check_loraplus_groups", "check_lr_by_parameter", "check_sign_descent_step"]
+__all__ = ["check_loraplus_groups", "check_lr_by_parameter", "check_sign_descent_step", "check_toy_best_pair"]
 
 
 def _small_lora_model(targets="all-linear", r: int = 4) -> GPT2:
@@ -407,8 +409,8 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
                     (a - lr_a, "sign(0) is 0, not 1: a coordinate with zero gradient does not move, so use torch.sign"),
                     (a + lr_a, "sign(0) is 0, not -1: a coordinate with zero gradient does not move, so use torch.sign"),
                 ] if torch.allclose(a_new.double(), variant)),
-                "grad_a = (f - y) * b * x has the factor b, so B = 0 means A gets no gradient and, as sign(0) = 0, "
-                "a must not move on this step",
+                "a's gradient passes through b (the chain rule through f = b (a . x)), so B = 0 means A gets no "
+                "gradient and, as sign(0) = 0, a must not move on this step",
             )
             raise CheckFailed(f"{setting}, a moved though b = 0: {hint}.")
         wrong = [
@@ -419,13 +421,91 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
              "that is a plain gradient step; sign descent moves every coordinate by exactly its lr, lr * sign(grad)"),
             ((a + lr_a * sa, b + lr_b * sb), "you climbed the loss; descent subtracts, a - lr_a * sign(grad_a)"),
             ((a - lr_a * (residual * x).sign(), want[1]),
-             "grad_a = (f - y) * b * x: you left out the factor b, which is how B = 0 keeps A from moving"),
-            ((want[0], b - lr_b * residual.sign()), "grad_b = (f - y) * (a @ x): you left out the factor a @ x"),
+             "a's gradient lost a factor: the chain rule through f = b (a . x) passes through b, which is how "
+             "B = 0 keeps A from moving"),
+            ((want[0], b - lr_b * residual.sign()),
+             "b's gradient lost a factor: the chain rule through f = b (a . x) passes through the feature a . x"),
         ]
         hint = next(
             (h for variant, h in wrong if _pair_close((a_new, b_new), variant) and not _pair_close(variant, want)),
-            "your step is wrong: a_new = a - lr_a * sign((f - y) * b * x) and "
-            "b_new = b - lr_b * sign((f - y) * (a @ x)), with f = b * (a @ x)",
+            "your step is wrong: derive dL/da and dL/db by the chain rule through f = b (a . x), then move each "
+            "coordinate by its own learning rate against the sign of its gradient",
         )
         raise CheckFailed(f"{setting}, {hint}.")
     print("Correct: one sign-descent step moves every coordinate by exactly its learning rate, as Adam's first step does.")
+
+
+# ---------------------------------------------------------------------------
+# Exercise 3.4 (open): the best pair (eta_A, eta_B) of the toy at two widths.
+
+TOY_WIDTHS = (64, 1024)
+TOY_LRS_A = [2.0**k for k in range(-14, -1)]  # the reference sweep, powers of 2: both optima lie inside
+TOY_LRS_B = [2.0**k for k in range(-10, 1)]
+TOY_SEEDS = (0, 1, 2)
+TOY_SLACK = 1.15  # a pair is good when its loss is within 15% of the reference sweep's best
+
+
+def _toy_mean_losses(n: int, lrs_a: list[float], lrs_b: list[float]) -> torch.Tensor:
+    return sum(toy_lora_losses(n, lrs_a, lrs_b, seed=seed) for seed in TOY_SEEDS) / len(TOY_SEEDS)
+
+
+@functools.lru_cache(maxsize=None)
+def toy_best_loss(n: int) -> float:
+    """The reference: the lowest toy loss (mean over TOY_SEEDS) over the powers-of-2 sweep."""
+    losses = _toy_mean_losses(n, TOY_LRS_A, TOY_LRS_B)
+    i, j = divmod(int(losses.argmin()), len(TOY_LRS_B))
+    if i in (0, len(TOY_LRS_A) - 1) or j in (0, len(TOY_LRS_B) - 1):  # a guard on the reference itself
+        raise RuntimeError(f"the reference sweep's optimum at n={n} is on its edge; widen TOY_LRS_A or TOY_LRS_B")
+    return losses.min().item()
+
+
+def _as_pair(value, n: int) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise CheckFailed(f"best_pair[{n}] should be a pair (eta_A, eta_B), got {value!r}.")
+    pair = []
+    for name, v in zip(("eta_A", "eta_B"), value):
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise CheckFailed(f"best_pair[{n}]'s {name} should be a positive learning rate, got {v!r}.")
+        pair.append(float(v))
+    return pair[0], pair[1]
+
+
+def check_toy_best_pair(best_pair) -> None:
+    """Exercise 3.4: ``best_pair`` maps 64 and 1024 to the toy's best (eta_A, eta_B) at that width.
+
+    A pair is judged by what it achieves: its toy loss, averaged over seeds 0, 1 and 2, must be
+    within 15% of the best pair of a powers-of-2 sweep. Prints the ratios eta_B / eta_A.
+    """
+    if not isinstance(best_pair, dict):
+        what = "None (did you assign it?)" if best_pair is None else f"a {type(best_pair).__name__}"
+        raise CheckFailed(f"best_pair should be a dict {{width: (eta_A, eta_B)}} for the widths 64 and 1024, got {what}.")
+    if sorted(best_pair) != sorted(TOY_WIDTHS):
+        raise CheckFailed(
+            f"best_pair should have exactly the keys 64 and 1024 (the widths, as ints), got {sorted(best_pair)!r}."
+        )
+    pairs = {n: _as_pair(best_pair[n], n) for n in TOY_WIDTHS}
+    for n, (lr_a, lr_b) in pairs.items():
+        best = toy_best_loss(n)
+        mine, swapped = _toy_mean_losses(n, [lr_a, lr_b], [lr_b, lr_a]).diagonal().tolist()
+        if mine <= TOY_SLACK * best:
+            continue
+        if swapped <= TOY_SLACK * best:
+            raise CheckFailed(
+                f"At n={n} your pair works only the other way round: the first number is A's rate, the second B's "
+                "(B is the factor that starts at zero)."
+            )
+        if math.isclose(lr_a, lr_b):
+            hint = ("one shared rate is not enough at this width: let the two rates differ, and sweep them "
+                    "independently")
+        else:
+            hint = ("sweep eta_A and eta_B independently and widely enough that the best pair is not on the edge "
+                    "of your grid, and average the losses over the seeds before taking the minimum")
+        raise CheckFailed(
+            f"At n={n} your pair reaches a mean loss of {mine:.3g} (or diverges), more than 15% above what a sweep "
+            f"of powers of 2 finds ({best:.3g}): {hint}."
+        )
+    ratios = {n: lr_b / lr_a for n, (lr_a, lr_b) in pairs.items()}
+    print(f"Correct: both pairs are within 15% of the best loss; your ratios eta_B / eta_A are "
+          f"{ratios[64]:.3g} at n=64 and {ratios[1024]:.3g} at n=1024.")
