@@ -12,8 +12,14 @@ from lora_edu.checks.lora_from_scratch import (
     check_inject_lora,
     check_lora_forward,
     check_merge_unmerge,
+    check_smallest_rank,
 )
-from lora_edu.checks.lora_plus import check_loraplus_groups, check_lr_by_parameter, check_sign_descent_step
+from lora_edu.checks.lora_plus import (
+    check_loraplus_groups,
+    check_lr_by_parameter,
+    check_sign_descent_step,
+    check_toy_best_pair,
+)
 from lora_edu.checks.meet_the_model import (
     check_best_temperature,
     check_cross_entropy,
@@ -27,7 +33,12 @@ from lora_edu.checks.nf4_quantization import (
     check_pack_unpack,
     check_quantize_block,
 )
-from lora_edu.checks.qlora_gpt2 import check_fine_tuning_bytes, check_quantize_and_count, check_training_step
+from lora_edu.checks.qlora_gpt2 import (
+    check_blocksize_experiment,
+    check_fine_tuning_bytes,
+    check_quantize_and_count,
+    check_training_step,
+)
 from lora_edu.checks.svd_intuition import (
     check_low_rank_factors,
     check_low_rank_parameters,
@@ -39,6 +50,7 @@ __all__ = [
     "CheckFailed",
     "check_best_temperature",
     "check_bits_per_parameter",
+    "check_blocksize_experiment",
     "check_count_lora_parameters",
     "check_cross_entropy",
     "check_fine_tuning_bytes",
@@ -59,5 +71,7 @@ __all__ = [
     "check_rank_for_energy",
     "check_rank_keeping_gain",
     "check_sign_descent_step",
+    "check_smallest_rank",
+    "check_toy_best_pair",
     "check_training_step",
 ]
