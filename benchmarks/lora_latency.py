@@ -65,8 +65,11 @@ def median_latency(models: dict, tokens: torch.Tensor, rounds: int, repeats: int
     with torch.inference_mode():
         for model in models.values():
             model(tokens)  # warm up (CUDA kernels, allocator)
-        for _ in range(rounds):
-            for name, model in models.items():
+        for round_ in range(rounds):
+            names = list(models)
+            names = names[round_ % len(names):] + names[: round_ % len(names)]  # each model takes a turn first
+            for name in names:
+                model = models[name]
                 model(tokens)
                 for _ in range(repeats):
                     if device == "cuda":

@@ -61,16 +61,21 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from lora_edu.data import DATA_DIR
 
 __all__ = [
     "NF4Linear",
     "NF4State",
     "bits_per_parameter",
+    "cuda_reciprocal",
     "dequantize_8bit_blockwise",
     "dequantize_int4",
     "dequantize_nf4",
@@ -88,6 +93,7 @@ NF4_OFFSET = 0.9677083  # the outermost quantile: (1 - 1/(2*15) + 1 - 1/(2*16)) 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 DQ_BLOCKSIZE = 256  # bitsandbytes quantizes the absmaxes in blocks of 256
 ZERO_CODE = 7  # nf4_code()[7] == 0.0; odd lengths are padded with it
+KERNELS = ("cpu", "cuda")  # whose rounding quantize_nf4 copies: bitsandbytes' CPU path or its CUDA kernel
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,6 +200,119 @@ def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return F.pad(flat, (0, n_blocks * blocksize - flat.numel())).view(n_blocks, blocksize)
 
 
+def _check_kernel(kernel, device: torch.device) -> str:
+    """Whose rounding to copy: bitsandbytes' CPU path or its CUDA kernel (default: the tensor's device)."""
+    if kernel is None:
+        return "cuda" if device.type == "cuda" else "cpu"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None (the tensor's device), got {kernel!r}")
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------
+# How bitsandbytes' CUDA kernel rounds
+# ----------------------------------------------------------------------------------------
+#
+# The CUDA kernel is compiled with --use_fast_math, so it scales a block by an
+# *approximate* reciprocal of its absmax (the GPU's rcp.approx instruction, at most 1 unit
+# in the last place off), then multiplies. The approximation depends only on the 23
+# mantissa bits of its input, so one table of 2**23 corrections, measured on the GPU by
+# scripts/cuda_reciprocal_table.py, turns PyTorch's exact reciprocal into the kernel's.
+
+RECIPROCAL_TABLE = DATA_DIR / "cuda_reciprocal.npz"
+
+
+@functools.cache
+def _reciprocal_corrections(device: torch.device) -> torch.Tensor:
+    """int8 tensor of 2**23 values in {-1, 0, 1} on ``device``: rcp.approx minus the exact reciprocal, in ulps."""
+    if not RECIPROCAL_TABLE.exists():
+        raise FileNotFoundError(
+            f"{RECIPROCAL_TABLE} is missing: kernel='cuda' needs the GPU's reciprocal table, "
+            "which scripts/cuda_reciprocal_table.py measures on a CUDA GPU"
+        )
+    with np.load(RECIPROCAL_TABLE, allow_pickle=False) as table:
+        return torch.from_numpy(unpack_reciprocal_table(table).astype(np.int8)).to(device)
+
+
+def unpack_reciprocal_table(table) -> np.ndarray:
+    """The corrections (int32, -1/0/+1 per mantissa) from the table's two bit-packed masks."""
+    n = int(table["n"])
+    differs = np.unpackbits(table["differs"])[:n].astype(bool)
+    up = np.unpackbits(table["up"])[:n].astype(bool)
+    return np.where(differs, np.where(up, 1, -1), 0).astype(np.int32)
+
+
+def cuda_reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """``1 / x`` in float32 as bitsandbytes' CUDA kernel computes it (``--use_fast_math``).
+
+    Exact IEEE reciprocals, then the GPU's error added back from the measured table; zero
+    and subnormal inputs give inf, and results too small to be normal give 0 (fast math
+    flushes subnormals to zero).
+    """
+    x = x.float()
+    exact = 1.0 / x
+    mantissa = (x.view(torch.int32) & 0x7FFFFF).long()
+    bits = exact.view(torch.int32) + _reciprocal_corrections(x.device)[mantissa]
+    result = torch.where(torch.isfinite(exact) & (exact != 0), bits.view(torch.float32), exact)
+    tiny = torch.finfo(torch.float32).tiny
+    result = torch.where(x.abs() < tiny, torch.full_like(x, math.inf).copysign(x), result)
+    return torch.where(result.abs() < tiny, torch.zeros_like(result).copysign(result), result)
+
+
+# The kernel's decision tree for NF4 (dQuantizeNF4) compares a scaled value with these
+# literals: strictly above one goes up, and NaN (an all-zero block, 0 * 1/0) fails every
+# test and lands on level 0. They are the midpoints between neighbouring levels, but the
+# compiler rounds each once, straight to float32, and four of them then sit one unit in
+# the last place from the float32 midpoints that the CPU path computes.
+_CUDA_NF4_THRESHOLDS = (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
+)
+
+
+def _float32_literal(text: str) -> float:
+    """The float32 nearest the decimal ``text``, rounded once, as a C compiler rounds ``1.5f``.
+
+    ``float(text)`` would round to float64 first and then to float32, which can land one
+    unit in the last place away.
+    """
+    exact = Fraction(text)
+    near = torch.tensor(float(exact), dtype=torch.float32)
+    neighbours = [torch.nextafter(near, torch.tensor(step, dtype=torch.float32)) for step in (-math.inf, math.inf)]
+    return min([near, *neighbours], key=lambda c: abs(Fraction(c.item()) - exact)).item()
+
+
+@functools.cache
+def _cuda_nf4_thresholds() -> torch.Tensor:
+    return torch.tensor([_float32_literal(t) for t in _CUDA_NF4_THRESHOLDS], dtype=torch.float32)
+
+
+def _binary_search_8bit(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """The kernel's dQuantize: a 7-step binary search of the 256 sorted levels, then the nearer neighbour.
+
+    Vectorised, step for step, including its edges: the search ends on levels 0 ... 254,
+    and NaN compares false everywhere, so it becomes level 0.
+    """
+    pivot = torch.full(x.shape, 127, dtype=torch.long, device=x.device)
+    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
+    lower, upper = torch.full_like(x, -1.0), torch.full_like(x, 1.0)
+    value = code[pivot]
+    for step in (64, 32, 16, 8, 4, 2, 1):
+        up = x > value
+        lower_pivot, lower = torch.where(up, pivot, lower_pivot), torch.where(up, value, lower)
+        upper_pivot, upper = torch.where(up, upper_pivot, pivot), torch.where(up, upper, value)
+        pivot = torch.where(up, pivot + step, pivot - step)
+        value = code[pivot]
+    upper = torch.where(upper_pivot == 255, code[255], upper)
+    lower = torch.where(lower_pivot == 0, code[0], lower)
+    up = x > value
+    to_upper = torch.where(x > (upper + value) * 0.5, upper_pivot, pivot)
+    to_lower = torch.where(x < (lower + value) * 0.5, lower_pivot, pivot)
+    return torch.where(up, to_upper, to_lower).to(torch.uint8)
+
+
 # ----------------------------------------------------------------------------------------
 # 8-bit blockwise quantization, for the absmaxes (double quantization)
 # ----------------------------------------------------------------------------------------
@@ -209,26 +328,38 @@ def _grid_to_level() -> torch.Tensor:
     return torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
 
 
-def quantize_8bit_blockwise(x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit codes (uint8, shaped like ``x``) and one float32 absmax per block, as bitsandbytes' CPU kernel.
+def quantize_8bit_blockwise(
+    x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE, kernel: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes (uint8, shaped like ``x``) and one float32 absmax per block, as bitsandbytes.
 
-    Each block is multiplied by ``1 / absmax``; each scaled value s is rounded to the grid
-    point ``j = floor((s + 1) * 32767.5 + 0.5)`` (float32 arithmetic) and stored as the
-    dynamic-map level nearest that grid point. Near zero that is not always the nearest
-    level, because the levels there are closer together than the grid (spacing 3.1e-5):
-    an exact 0 becomes level 131 (2.1e-5), not 127 (0.0). An all-zero block (0 * inf = NaN)
-    is stored as level 0; infinities from a denormal absmax as level 0 or 255. Equals
-    ``bitsandbytes.functional.quantize_blockwise(x, blocksize=blocksize)`` on the CPU for
-    float32 ``x`` (its 16-bit inputs take other kernels, which we have not compared).
+    Equals ``bitsandbytes.functional.quantize_blockwise(x, blocksize=blocksize)`` for float32
+    ``x``, on the CPU (``kernel="cpu"``) or on a CUDA GPU (``kernel="cuda"``; the default is
+    the one for ``x``'s device). The two kernels round differently:
+
+    * CPU: each block is multiplied by ``1 / absmax``; each scaled value s is rounded to the
+      grid point ``j = floor((s + 1) * 32767.5 + 0.5)`` (float32 arithmetic) and stored as
+      the dynamic-map level nearest that grid point. Near zero that is not always the
+      nearest level, because the levels there are closer together than the grid (spacing
+      3.1e-5): an exact 0 becomes level 131 (2.1e-5), not 127 (0.0). An all-zero block
+      (0 * inf = NaN) is stored as level 0; infinities from a denormal absmax as 0 or 255.
+    * CUDA: each block is multiplied by the GPU's approximate ``1 / absmax``
+      (:func:`cuda_reciprocal`) and each value goes to the nearer of the two levels a
+      binary search of the map ends between: the nearest level, NaN to level 0.
     """
     flat = _check_weight(x, "x")
     blocksize = _check_positive_int(blocksize, "blocksize")
+    kernel = _check_kernel(kernel, flat.device)
     blocks = _blocks(flat, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks * (1.0 / absmax)[:, None]  # the reciprocal, as the kernel: x / absmax differs in the last bit
-    scaled = torch.nan_to_num(scaled, nan=-1.0).clamp(-1, 1)  # the kernel sends NaN to -1 and clamps +-inf
-    grid_point = torch.floor((scaled + 1) * _GRID_HALF + 0.5).long()
-    codes = _grid_to_level().to(x.device)[grid_point]
+    if kernel == "cuda":
+        scaled = blocks * cuda_reciprocal(absmax)[:, None]
+        codes = _binary_search_8bit(scaled, _dynamic_map().to(x.device))
+    else:
+        scaled = blocks * (1.0 / absmax)[:, None]  # the reciprocal, as the kernel: x / absmax differs in the last bit
+        scaled = torch.nan_to_num(scaled, nan=-1.0).clamp(-1, 1)  # the kernel sends NaN to -1 and clamps +-inf
+        grid_point = torch.floor((scaled + 1) * _GRID_HALF + 0.5).long()
+        codes = _grid_to_level().to(x.device)[grid_point]
     return codes.reshape(-1)[: flat.numel()].reshape(x.shape), absmax
 
 
@@ -294,37 +425,53 @@ class NF4State:
         return scales + self.absmax_offset
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[torch.Tensor, NF4State]:
+def quantize_nf4(
+    w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, kernel: str | None = None
+) -> tuple[torch.Tensor, NF4State]:
     """``w`` in NF4: (packed, state), with packed a uint8 tensor of shape (ceil(numel / 2), 1).
 
     Byte k holds values 2k (high nibble) and 2k + 1 (low nibble) of ``w`` flattened; an odd
-    count is padded with the index of 0.0. Equals, byte for byte and absmax for absmax,
+    count is padded. Equals, byte for byte and absmax for absmax,
     ``bitsandbytes.functional.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
-    compress_statistics=double_quant)`` on the CPU.
+    compress_statistics=double_quant)``, on the CPU (``kernel="cpu"``) or on a CUDA GPU
+    (``kernel="cuda"``). The default copies the kernel of ``w``'s device. The two differ
+    only at the edges: an all-zero block, a partial last block, a value within a rounding
+    error of the midpoint between two levels, and the double-quantized absmaxes.
     """
     flat = _check_weight(w)
     blocksize = _check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
+    kernel = _check_kernel(kernel, flat.device)
     n = flat.numel()
 
     # 1-2. Blocks, their absmax, and the values scaled into [-1, 1].
     blocks = _blocks(flat, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    safe = absmax.clamp(min=1e-38)  # an all-zero block scales by 1e38, not by 1/0 = inf
-    scaled = blocks * (1.0 / safe)[:, None]  # bitsandbytes multiplies by the reciprocal...
-    if n % blocksize:
-        scaled[-1] = blocks[-1] / safe[-1]  # ...but divides in a partial last block,
-        absmax[-1] = safe[-1]  # and stores its clamped absmax
-    scaled = scaled.clamp(-1, 1)
+    if kernel == "cuda":
+        scaled = blocks * cuda_reciprocal(absmax)[:, None]  # an all-zero block: 0 * inf = NaN
+    else:
+        safe = absmax.clamp(min=1e-38)  # an all-zero block scales by 1e38, not by 1/0 = inf
+        scaled = blocks * (1.0 / safe)[:, None]  # bitsandbytes multiplies by the reciprocal...
+        if n % blocksize:
+            scaled[-1] = blocks[-1] / safe[-1]  # ...but divides in a partial last block,
+            absmax[-1] = safe[-1]  # and stores its clamped absmax
+        scaled = scaled.clamp(-1, 1)
 
     # 3. The nearest level: count the midpoints below. A value on a midpoint (right=False)
-    # takes the lower level.
-    code = _nf4_code().to(w.device)
-    indices = torch.bucketize(scaled.reshape(-1)[:n], (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    # takes the lower level. The CUDA kernel's decision tree tests its own float32 midpoints
+    # with ">" (see _CUDA_NF4_THRESHOLDS) and sends NaN to level 0.
+    code = _nf4_code()
+    midpoints = _cuda_nf4_thresholds() if kernel == "cuda" else (code[:-1] + code[1:]) / 2
+    scaled = scaled.reshape(-1)[: n + n % 2]  # an odd count: one more value, from the zero padding
+    indices = torch.bucketize(scaled, midpoints.to(w.device), out_int32=True)
+    if kernel == "cuda":
+        indices = torch.where(scaled.isnan(), 0, indices)
+    else:
+        indices[n:] = ZERO_CODE
+    indices = indices.to(torch.uint8)
 
     # 4. Two indices per byte, the first in the high nibble.
-    indices = F.pad(indices, (0, n % 2), value=ZERO_CODE)
     packed = ((indices[0::2] << 4) | indices[1::2]).unsqueeze(1)
 
     if not double_quant:
@@ -333,7 +480,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     # 5. Double quantization. The absmaxes are all positive; centring them first spends the
     # 8 bits on their spread, which the dynamic map's signed levels then cover.
     offset = absmax.mean()
-    codes, scales = quantize_8bit_blockwise(absmax - offset, DQ_BLOCKSIZE)
+    codes, scales = quantize_8bit_blockwise(absmax - offset, DQ_BLOCKSIZE, kernel=kernel)
     return packed, NF4State(
         shape=w.shape, dtype=w.dtype, blocksize=blocksize, absmax_codes=codes, absmax_scales=scales,
         absmax_offset=offset, dq_code=dynamic_map().to(w.device),

@@ -465,18 +465,23 @@ def saved_activation_bytes(model: nn.Module, *inputs, **kwargs) -> int:
     Hugging Face model): the loss keeps the log-probabilities, often the largest tensor.
     """
     weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, int] = {}
+    saved: dict[int, torch.UntypedStorage] = {}  # held here, so no address is reused while we count
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
+    def pack(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage._cdata not in weights:
-            saved[storage._cdata] = storage.nbytes()
-        return t
+            saved[storage._cdata] = storage
+        # Give the graph nothing: returning t would tie an output to its own grad_fn, a
+        # reference cycle through C++ that Python's garbage collector cannot break (the
+        # model's parameters would leak). The graph is discarded unused, never unpacked.
+
+    def unpack(_) -> torch.Tensor:
+        raise RuntimeError("saved_activation_bytes measures a forward pass; its graph cannot run backward")
 
     was_training = model.training
     model.train()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = model(*inputs, **kwargs)
     model.train(was_training)
     del out
-    return sum(saved.values())
+    return sum(storage.nbytes() for storage in saved.values())

@@ -6,6 +6,7 @@
 #
 # Steps, each under its own time limit, each run even if an earlier one failed:
 #   1. wheels    install the wheels in .whl/ (bitsandbytes; scripts/download_gpu_wheels.sh fetches them)
+#   r. reciprocal  scripts/cuda_reciprocal_table.py: the GPU's approximate 1/x, which bitsandbytes' kernel uses
 #   2. tests     pytest -m cuda tests/test_cuda*.py: NF4 against bitsandbytes' CUDA kernels, the layers
 #                forward and backward (a later chapter's GPU checks go in tests/test_cuda_<topic>.py)
 #   3. nf4       benchmarks/nf4_throughput.py on CUDA: ours, ours fast and bitsandbytes, beside copy bandwidth
@@ -72,6 +73,14 @@ STEPS+=("wheels $? $(($(date +%s) - start))")
 
 # On the GPU the limits keep the run within 8 minutes; the rehearsal's are generous (a busy CPU).
 [[ "$MODE" == full ]] && TESTS_LIMIT=90 || TESTS_LIMIT=600
+# The GPU's approximate reciprocal, which quantize_nf4(kernel="cuda") needs to copy bitsandbytes'
+# CUDA kernel bit for bit: measured first, into lora_edu/data/, so the tests and chapters use it.
+if [[ "$MODE" == full ]]; then
+  step reciprocal 60 "$PYTHON" scripts/cuda_reciprocal_table.py
+  cp lora_edu/data/cuda_reciprocal.npz "$RESULTS/" 2>/dev/null
+else
+  step reciprocal 60 "$PYTHON" scripts/cuda_reciprocal_table.py --self-test
+fi
 # Only tests/test_cuda*.py: the other test files import what the GPU machine lacks (nbformat, ...).
 step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -m cuda tests/test_cuda*.py -q -o addopts= -p no:cacheprovider --junitxml="$RESULTS/pytest_cuda.xml"
 if [[ "$MODE" == full ]]; then

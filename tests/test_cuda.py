@@ -47,15 +47,20 @@ def bnb_quantize(w, blocksize, double_quant):
     return bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
 
 
+def assert_equal(ours, theirs, what):
+    differ = (ours != theirs).sum().item() if ours.shape == theirs.shape else "all (shapes differ)"
+    assert torch.equal(ours, theirs), f"{what}: {differ} of {theirs.numel()} differ"
+
+
 def assert_same_state(ours, theirs, double_quant):
     (packed, state), (bnb_packed, bnb_state) = ours, theirs
-    assert torch.equal(packed, bnb_packed), "packed 4-bit codes differ"
+    assert_equal(packed, bnb_packed, "packed 4-bit codes")
     if double_quant:
-        assert torch.equal(state.absmax_codes, bnb_state.absmax)
-        assert torch.equal(state.absmax_scales, bnb_state.state2.absmax)
-        assert torch.equal(state.absmax_offset, bnb_state.offset)
+        assert_equal(state.absmax_codes, bnb_state.absmax, "8-bit absmax codes")
+        assert_equal(state.absmax_scales, bnb_state.state2.absmax, "absmax scales")
+        assert_equal(state.absmax_offset, bnb_state.offset, "absmax offset")
     else:
-        assert torch.equal(state.absmax, bnb_state.absmax)
+        assert_equal(state.absmax, bnb_state.absmax, "absmax")
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,6 +98,33 @@ def test_nf4_equals_bitsandbytes_on_zero_blocks_ties_and_a_partial_block(device,
     theirs = bnb_quantize(w, 64, double_quant)
     assert_same_state(ours, theirs, double_quant)
     assert torch.equal(dequantize_nf4_fast(*ours), bnb_functional.dequantize_4bit(*theirs).reshape(w.shape))
+
+
+def test_8bit_blockwise_equals_bitsandbytes_on_the_device(device):
+    # Double quantization's 8-bit step on its own, with the edges of the dynamic map:
+    # exact zeros, values on and next to its levels, and the tiny ones near 0 where the
+    # CPU's grid and the CUDA kernel's binary search part ways.
+    from lora_edu.nf4 import dynamic_map, quantize_8bit_blockwise
+
+    levels = dynamic_map()
+    x = torch.cat([
+        torch.zeros(256), levels, (levels[:-1] + levels[1:]) / 2, levels * 1e-3, torch.full((256,), 0.5),
+        weight(4096, seed=2) * 50,
+    ]).to(device)
+    codes, absmax = quantize_8bit_blockwise(x, 256)
+    bnb_codes, bnb_state = bnb_functional.quantize_blockwise(x, blocksize=256)
+    assert_equal(codes, bnb_codes, "8-bit codes")
+    assert_equal(absmax, bnb_state.absmax, "absmax")
+
+
+def test_the_cuda_rounding_is_the_same_computed_on_the_cpu(device):
+    # quantize_nf4(kernel="cuda") is plain PyTorch: on the CPU it gives the CUDA kernel's bytes.
+    kernel = "cuda" if device == "cuda" else "cpu"
+    w = weight((512, 768), seed=3)
+    on_device = quantize_nf4(w.to(device), 64, True)
+    on_cpu = quantize_nf4(w, 64, True, kernel=kernel)
+    assert_equal(on_cpu[0], on_device[0].cpu(), "packed 4-bit codes")
+    assert_equal(on_cpu[1].absmax_codes, on_device[1].absmax_codes.cpu(), "8-bit absmax codes")
 
 
 def test_fast_dequantize_equals_the_teaching_version_on_the_device(device):

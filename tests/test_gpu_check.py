@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "tests", "nf4", "qlora", "latency", "chapters"]
+STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "chapters"]
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,10 @@ LoRALinear over a 4-bit layer, NF4Linear's memory-saving backward, GPT-2's gradi
 checkpointing, and mixed precision in the training loop."""
 
 import copy
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -454,6 +456,17 @@ def test_prepare_makes_reentrant_checkpointing_give_the_gradients_of_no_checkpoi
 # ---------------------------------------------------------------------------------------
 # Activation memory: gradient checkpointing and _MatmulNF4
 # ---------------------------------------------------------------------------------------
+
+
+def test_saved_activation_bytes_keeps_nothing_alive(base, batch):
+    # Its hooks once returned each saved tensor, tying outputs to their own graph through C++:
+    # every model measured then stayed in memory, and a GPU benchmark's peaks grew run by run.
+    model = copy.deepcopy(base)
+    parameters = [weakref.ref(p) for p in model.parameters()]
+    assert saved_activation_bytes(model, *batch) > 0
+    del model
+    gc.collect()
+    assert not [p for p in parameters if p() is not None]
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
