@@ -16,29 +16,36 @@ Dequantizing is the reverse: look each index up in the code and multiply by its 
 absmax.
 
 :func:`quantize_nf4` and :func:`dequantize_nf4` give the same bytes and values as
-bitsandbytes 0.50.2 on the CPU (``bitsandbytes.functional.quantize_4bit(w, blocksize=bs,
+bitsandbytes 0.50.2 (``bitsandbytes.functional.quantize_4bit(w, blocksize=bs,
 quant_type="nf4", compress_statistics=dq)`` and ``dequantize_4bit``), for float32,
 bfloat16 and float16 weights of any shape and every blocksize bitsandbytes allows
 (32 ... 4096), with and without double quantization; the tests compare them with
-``torch.equal`` (checked on x86-64 with AVX-512). That meant copying what bitsandbytes
-actually does, including choices a textbook would not make:
+``torch.equal``. bitsandbytes has two implementations that round differently at the
+edges, its pure-PyTorch CPU path and its CUDA kernel, and ``quantize_nf4(...,
+kernel="cpu" | "cuda")`` copies either (by default the one for the weight's device).
+That meant copying choices a textbook would not make:
 
-* A full block is scaled by multiplying by ``1 / absmax``; the last, partial block is
-  divided by its absmax. The two can differ in the last bit, which moves a value that
-  lies on a boundary between two levels.
+* The CPU path multiplies a full block by ``1 / absmax`` and divides the last, partial
+  block by its absmax; the two can differ in the last bit, which moves a value that lies
+  on a boundary between two levels. The CUDA kernel, compiled with ``--use_fast_math``,
+  multiplies every block by the GPU's *approximate* reciprocal (one mantissa in eight is
+  one unit in the last place off; :func:`cuda_reciprocal` reproduces it from a table
+  measured on the GPU).
 * A value exactly on the midpoint between two levels takes the lower level (index i, not
-  i + 1): ``torch.bucketize`` with ``right=False``, as bitsandbytes uses.
-* An all-zero block is quantized to the index of 0.0 (7) with absmax 0 stored; in a
-  partial last block bitsandbytes stores absmax 1e-38 instead (it clamps every absmax to
-  1e-38 before scaling, and stores the clamped value only there). Both dequantize to 0.
-  This is the pure-PyTorch path bitsandbytes runs for ``quantize_4bit`` on the CPU; its
-  CUDA kernel may treat a zero block differently, and we match the CPU.
-* Double quantization copies bitsandbytes' CPU 8-bit kernel, which does not search the
-  dynamic map directly: it rounds each scaled value to one of 65,536 evenly spaced points
-  in [-1, 1] and takes the level nearest that point. Near zero, where the map's levels are
-  closer together than those points, that is not the nearest level (an exact 0 is stored
-  as level 131, 2.1e-5, not level 127, 0.0). We do the same; see
-  :func:`quantize_8bit_blockwise`.
+  i + 1). The CPU path computes the midpoints in float32; the CUDA kernel's are decimal
+  literals, and four of them round to a float32 one unit away from the CPU's.
+* An all-zero block: the CPU path stores the index of 0.0 (7) with absmax 0 (1e-38 in a
+  partial last block, where it clamps); the CUDA kernel gets 0 * (1/0) = NaN, which its
+  decision tree sends to index 0 (-1.0), with absmax 0. All dequantize to 0.
+* Double quantization: the CPU 8-bit kernel does not search the dynamic map directly: it
+  rounds each scaled value to one of 65,536 evenly spaced points in [-1, 1] and takes the
+  level nearest that point. Near zero, where the map's levels are closer together than
+  those points, that is not the nearest level (an exact 0 is stored as level 131,
+  2.1e-5, not level 127, 0.0). The CUDA kernel binary-searches the map and takes the
+  nearer neighbour. See :func:`quantize_8bit_blockwise`.
+
+On real weights the two kernels almost never differ: in the tiny GPT-2's 16 linear
+layers, one value of 786,432 sits on a threshold where they disagree.
 
 One exception, a bitsandbytes bug: its AVX-512 CPU dequantize kernel gives wrong values
 for a 2-D weight whose rows are a multiple of 16 long but not a multiple of the blocksize
