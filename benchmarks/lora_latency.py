@@ -30,9 +30,9 @@ import torch
 from lora_edu.adapters import adapter_parameters, add_serial_adapters
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters, merge_lora
+from lora_edu.results import RESULTS_DIR
 
-RESULTS = Path(__file__).resolve().parent / "results"
-OUT = {"cuda": RESULTS / "lora_latency.json", "cpu": RESULTS / "lora_latency_cpu.json"}
+OUT = {"cuda": RESULTS_DIR / "lora_latency.json", "cpu": RESULTS_DIR / "lora_latency_cpu.json"}
 COMMAND = "python benchmarks/lora_latency.py"
 GPU = {"preset": "gpt2-medium", "settings": [(32, 512), (16, 256), (1, 128)], "rounds": 5, "repeats": 20,
        "lora_r": 4, "bottleneck": {"adapter_l": 10, "adapter_h": 5}}

@@ -7,7 +7,7 @@ Chapter 2 plots the results; it runs only the r = 8 point itself. Every run uses
 lora_edu.train.MILTON_FINE_TUNE with lr 3e-3 and alpha 16 (fixed across ranks, as in
 Hu et al. 2021). About 5 minutes on 2 CPU cores.
 
-    python benchmarks/lora_rank_sweep.py   # writes benchmarks/results/lora_rank_sweep.json
+    python benchmarks/lora_rank_sweep.py   # writes lora_edu/results/lora_rank_sweep.json
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from lora_edu.data import load_split
 from lora_edu.gpt2 import load_tiny
 from lora_edu.lora import add_lora, count_parameters
 from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
+from lora_edu.results import RESULTS_DIR
 
 LORA_LR, ALPHA, SEED = 3e-3, 16, 0
 ALL_KINDS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -41,7 +42,7 @@ BUDGET = {
     "attn.c_attn only, r=16": (["attn.c_attn"], 16),
     "mlp.c_fc only, r=13": (["mlp.c_fc"], 13),
 }
-OUT = Path(__file__).resolve().parent / "results" / "lora_rank_sweep.json"
+OUT = RESULTS_DIR / "lora_rank_sweep.json"
 
 
 def run(targets: list[str], r: int) -> dict:

@@ -22,7 +22,7 @@ an interrupted sweep keeps what it measured, and running the script again resume
 One thread (two threads on a shared 2-core machine were 8 times slower). About 40
 minutes on 2 CPU cores shared with other work.
 
-    python benchmarks/loraplus_sweep.py   # writes benchmarks/results/loraplus_sweep.json
+    python benchmarks/loraplus_sweep.py   # writes lora_edu/results/loraplus_sweep.json
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from lora_edu.gpt2 import GPT2, GPT2Config, load_tiny
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.loraplus import create_loraplus_optimizer
 from lora_edu.train import MILTON_FINE_TUNE, TrainConfig, evaluate, seed_everything, train
+from lora_edu.results import RESULTS_DIR
 
 RANK, ALPHA = 8, 16
 SEEDS = [0, 1, 2]
@@ -60,7 +61,7 @@ PRETRAIN = TrainConfig(steps=150, batch_size=16, block_size=64, lr=2e-3, weight_
 WIDTH = replace(PRETRAIN, steps=100, lr=1e-3, weight_decay=0.0, warmup_steps=10, eval_every=100,
                 eval_batches=1)
 
-OUT = Path(__file__).resolve().parent / "results" / "loraplus_sweep.json"
+OUT = RESULTS_DIR / "loraplus_sweep.json"
 CACHE = Path(tempfile.gettempdir()) / "lora_edu_loraplus_width"  # the pretrained bases, for a resumed run
 
 

@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from lora_edu.nf4 import dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
+from lora_edu.results import RESULTS_DIR
 
-RESULTS = Path(__file__).resolve().parent / "results"
-OUT = {"cpu": RESULTS / "nf4_throughput.json", "cuda": RESULTS / "nf4_throughput_cuda.json"}
+OUT = {"cpu": RESULTS_DIR / "nf4_throughput.json", "cuda": RESULTS_DIR / "nf4_throughput_cuda.json"}
 COMMAND = "python benchmarks/nf4_throughput.py"
 BLOCKSIZE = 64
 FULL = {"shapes": [(256, 4096), (4096, 4096)], "repeats": 7}

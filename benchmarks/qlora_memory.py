@@ -55,9 +55,9 @@ from lora_edu.qlora import (
     quantize_model,
     saved_activation_bytes,
 )
+from lora_edu.results import RESULTS_DIR
 
-RESULTS = Path(__file__).resolve().parent / "results"
-OUT = {"cuda": RESULTS / "qlora_memory.json", "cpu": RESULTS / "qlora_memory_cpu.json"}
+OUT = {"cuda": RESULTS_DIR / "qlora_memory.json", "cpu": RESULTS_DIR / "qlora_memory_cpu.json"}
 COMMAND = "python benchmarks/qlora_memory.py"
 METHODS = ("full", "lora_bf16", "qlora_lora_edu", "qlora_lora_edu_bnb", "qlora_peft")
 GPU = {"presets": ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], "seq_len": 512, "batch_size": 4,

@@ -15,7 +15,7 @@
 #   6. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
 # Everything lands in $OUT (when set, as on the device machine) or gpu_results/: a log, one JSON per
 # benchmark, the chapters' outcomes and gpu_check.json, the status of every step. Copy the results
-# into benchmarks/results/ and commit them. Exit status: 0 when every step passed.
+# into lora_edu/results/ (the run record into benchmarks/gpu_check/) and commit them. Exit status: 0 when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

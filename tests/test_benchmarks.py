@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-RESULTS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "results").glob("*.json"))
+RESULTS = sorted((Path(__file__).resolve().parents[1] / "lora_edu" / "results").glob("*.json"))
 
 
 def test_there_are_results():
