@@ -62,15 +62,14 @@ def exercises_link(name: str, url: str, branch: str) -> str:
 
 def setup_source(url: str, branch: str) -> str:
     return (
-        "# Setup: on Google Colab, install lora_edu (and what it needs); elsewhere, do nothing.\n"
+        "# Setup: on Google Colab, install lora_edu; elsewhere, do nothing.\n"
         "import subprocess\n"
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
-        "    subprocess.run(\n"
-        f'        [sys.executable, "-m", "pip", "install", "-q", "lora_edu[colab] @ git+{url}@{branch}"],\n'
-        "        check=True,\n"
-        "    )"
+        f'    PACKAGE = "lora_edu[colab] @ git+{url}@{branch}"\n'
+        '    subprocess.run([sys.executable, "-m", "pip", "install", "-q", PACKAGE],\n'
+        "                   check=True)"
     )
 
 
@@ -120,8 +119,9 @@ def stamp_colab_cells(nb: nbformat.NotebookNode, relative_path: str, url: str, b
     old = {tag: next((c for c in nb.cells if _tagged(c, tag)), None) for tag in (BADGE_TAG, SETUP_TAG)}
     badge = old[BADGE_TAG] or nbformat.v4.new_markdown_cell(metadata={"tags": [BADGE_TAG]})
     badge.source = colab_badge(relative_path, url, branch)
-    setup = old[SETUP_TAG] or nbformat.v4.new_code_cell(metadata={"tags": [SETUP_TAG]})
+    setup = old[SETUP_TAG] or nbformat.v4.new_code_cell()
     setup.source = setup_source(url, branch)
+    setup.metadata["tags"] = [SETUP_TAG, "hide-cell"]  # runs on Colab; folded away in the book
     rest = [c for c in nb.cells[1:] if not (_tagged(c, BADGE_TAG) or _tagged(c, SETUP_TAG))]
     nb.cells = [title, badge, setup, *rest]
 

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor
+from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import LoRALinear, add_lora, count_parameters
 
@@ -101,7 +101,7 @@ def check_lora_forward(lora_forward: Callable) -> None:
         )
         error = (got.double() - want).abs().max().item()
         raise CheckFailed(f"For {setting}, your output is off by up to {error:.3g}: {hint}.")
-    print("Correct: your LoRA layer computes x W0^T + b0 + (alpha / r) (x A^T) B^T.")
+    passed("Correct: your LoRA layer computes x W0^T + b0 + (alpha / r) (x A^T) B^T.")
 
 
 # ---------------------------------------------------------------------------
@@ -114,8 +114,8 @@ _MATMUL_HINT = (
 
 def _check_weight_function(fn: Callable, name: str, first: str, args: dict, alpha, r, want, wrong) -> None:
     originals = {k: v.clone() for k, v in args.items()}
-    passed = {k: v.clone() for k, v in args.items()}
-    got = expect_tensor(_call_with_shapes(fn, _MATMUL_HINT, *passed.values(), alpha, r), name)
+    given = {k: v.clone() for k, v in args.items()}
+    got = expect_tensor(_call_with_shapes(fn, _MATMUL_HINT, *given.values(), alpha, r), name)
     setting = f"a {want.shape[0]} x {want.shape[1]} {first}, alpha={alpha:g} and r={r}"
     op = "+" if name == "merge" else "-"
     if got.shape != want.shape:
@@ -130,7 +130,7 @@ def _check_weight_function(fn: Callable, name: str, first: str, args: dict, alph
         )
         error = (got.double() - want).abs().max().item()
         raise CheckFailed(f"For {setting}, {name}'s result is off by up to {error:.3g}: {hint}.")
-    changed = _changed(passed, originals)
+    changed = _changed(given, originals)
     if changed == first:
         raise CheckFailed(
             f"{name} changed its argument {first} in place; leave the inputs alone and return a new tensor "
@@ -176,7 +176,7 @@ def check_merge_unmerge(merge: Callable, unmerge: Callable) -> None:
             "unmerge(merge(W0)) should give back W0 (up to float rounding) but does not: unmerge must subtract "
             "exactly the (alpha / r) * B @ A that merge adds, for any sizes, alpha and r."
         )
-    print("Correct: merge adds (alpha / r) B A to W0 and unmerge takes it out again.")
+    passed("Correct: merge adds (alpha / r) B A to W0 and unmerge takes it out again.")
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def check_inject_lora(inject_lora: Callable) -> None:
                 hint = "B starts at zero (LoRALinear does that) so the model computes what it did before; do not re-initialise A and B"
             raise CheckFailed(f"For names={names}, the model's outputs changed right after injecting LoRA: {hint}.")
         _check_returned(got, names, expected)
-    print("Correct: inject_lora wraps exactly the matching linear layers and returns their names.")
+    passed("Correct: inject_lora wraps exactly the matching linear layers and returns their names.")
 
 
 def _check_injected(model: nn.Module, names, r, alpha, before: dict[str, nn.Module], expected: list[str]) -> None:
@@ -363,7 +363,7 @@ def check_count_lora_parameters(count_lora_parameters: Callable[[GPT2Config, lis
                     f"counted {got:,} trainable parameters but add_lora creates {want:,}: {hint}."
                 )
     gpt2 = _true_lora_count(configs["gpt2"], ("c_attn",), 8)
-    print(f"Correct: LoRA with r=8 on GPT-2's c_attn trains {gpt2:,} parameters.")
+    passed(f"Correct: LoRA with r=8 on GPT-2's c_attn trains {gpt2:,} parameters.")
 
 
 # ---------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def check_smallest_rank(losses: dict, rank) -> None:
         else:
             hint = "a smaller rank you tried is already within the margin"
         raise CheckFailed(f"You picked rank {rank}, but {hint}: read your own measurements again.")
-    print(
+    passed(
         f"Correct: rank {answer} is the smallest within {RANK_MARGIN} of the full rank's loss; it trains "
         f"{answer * 2 * _TOY_D:,} parameters where the full rank trains {_TOY_D * 2 * _TOY_D:,}."
     )

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner
+from lora_edu.checks._core import CheckFailed, call_learner, passed
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.loraplus import create_loraplus_optimizer, loraplus_param_groups, toy_lora_losses
@@ -134,7 +134,7 @@ def check_loraplus_groups(loraplus_groups: Callable) -> None:
             raise CheckFailed(f"{setting}, {name} is trainable but in no group: {hint}.")
         _check_lrs(setting, names, kind, seen, want, lr, ratio)
         _check_decay(setting, names, kind, seen, want, weight_decay)
-    print("Correct: A trains at lr, B at ratio * lr, both with the weight decay you ask for, and 1-D parameters without.")
+    passed("Correct: A trains at lr, B at ratio * lr, both with the weight decay you ask for, and 1-D parameters without.")
 
 
 def _as_number(value, name: str, key: str, setting: str) -> float:
@@ -330,7 +330,7 @@ def check_lr_by_parameter(lr_by_parameter: Callable) -> None:
             n = next(n for n in want if not _same(got[n], want[n]))
             hint = f"{n} is in a group with lr {want[n]:g}, but you gave {got[n]:g}"
         raise CheckFailed(f"For {setting}, {hint}.")
-    print("Correct: you read each parameter's learning rate from the group that holds it, matched by identity.")
+    passed("Correct: you read each parameter's learning rate from the group that holds it, matched by identity.")
 
 
 # ---------------------------------------------------------------------------
@@ -385,9 +385,9 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
     """Exercise 3.3: ``sign_descent_step(a, b, x, y, lr_a, lr_b)`` moves a by -lr_a sign(dL/da), b by -lr_b sign(dL/db)."""
     for a, b, x, y, lr_a, lr_b in _sign_cases():
         inputs = {"a": a, "b": b, "x": x, "y": y}
-        passed = {k: v.clone() for k, v in inputs.items()}
-        got = call_learner(sign_descent_step, *passed.values(), lr_a, lr_b)
-        changed = next((k for k in inputs if not torch.equal(passed[k], inputs[k])), None)
+        given = {k: v.clone() for k, v in inputs.items()}
+        got = call_learner(sign_descent_step, *given.values(), lr_a, lr_b)
+        changed = next((k for k in inputs if not torch.equal(given[k], inputs[k])), None)
         if changed is not None:
             how = (f"write {changed} - lr_{changed} * ..., not {changed} -= ... or {changed}.sub_(...)"
                    if changed in ("a", "b") else "the data x and y are only read")
@@ -432,7 +432,7 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
             "coordinate by its own learning rate against the sign of its gradient",
         )
         raise CheckFailed(f"{setting}, {hint}.")
-    print("Correct: one sign-descent step moves every coordinate by exactly its learning rate, as Adam's first step does.")
+    passed("Correct: one sign-descent step moves every coordinate by exactly its learning rate, as Adam's first step does.")
 
 
 # ---------------------------------------------------------------------------
@@ -507,5 +507,5 @@ def check_toy_best_pair(best_pair) -> None:
             f"of powers of 2 finds ({best:.3g}): {hint}."
         )
     ratios = {n: lr_b / lr_a for n, (lr_a, lr_b) in pairs.items()}
-    print(f"Correct: both pairs are within 15% of the best loss; your ratios eta_B / eta_A are "
+    passed(f"Correct: both pairs are within 15% of the best loss; your ratios eta_B / eta_A are "
           f"{ratios[64]:.3g} at n=64 and {ratios[1024]:.3g} at n=1024.")

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lora_edu.checks._core import CheckFailed, expect_tensor, call_learner
+from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
 from lora_edu.gpt2 import GPT2, GPT2Config, next_token_probs
 
 __all__ = [
@@ -54,7 +54,7 @@ def check_parameter_count(count_parameters: Callable[[GPT2Config], int]) -> None
             f"For the {name} config ({config.n_layer} layers, n_embd={d}) you counted {got:,} "
             f"parameters but the model has {want:,} (off by {got - want:+,}): {hint}."
         )
-    print(f"Correct: GPT-2 124M has {_true_parameter_count(configs['gpt2']):,} parameters.")
+    passed(f"Correct: GPT-2 124M has {_true_parameter_count(configs['gpt2']):,} parameters.")
 
 
 def check_cross_entropy(cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
@@ -69,7 +69,7 @@ def check_cross_entropy(cross_entropy: Callable[[torch.Tensor, torch.Tensor], to
     got = got.reshape(()).double()
     want = want.double()
     if torch.isclose(got, want, rtol=1e-4, atol=1e-6):
-        print(f"Correct: mean cross-entropy {want.item():.4f} nats per token.")
+        passed(f"Correct: mean cross-entropy {want.item():.4f} nats per token.")
         return
     if not torch.isfinite(got):
         hint = "take log_softmax (or logsumexp) rather than log(softmax), which underflows"
@@ -110,7 +110,7 @@ def check_next_token_probs(
         else:
             hint = "check the order: the temperature reshapes the logits, top-k removes tokens, and only then come probabilities"
         raise CheckFailed(f"With {setting}: expected {want[0].tolist()} for the first row, got {got[0].tolist()}: {hint}.")
-    print("Correct: temperature and top-k behave as in lora_edu.gpt2.next_token_probs.")
+    passed("Correct: temperature and top-k behave as in lora_edu.gpt2.next_token_probs.")
 
 
 # ---------------------------------------------------------------------------
@@ -188,4 +188,4 @@ def check_best_temperature(best: dict) -> None:
             f"For {corpus}, T={t:g} gives a held-out loss of {yours:.4f} nats per byte, {yours - lowest:.4f} above "
             f"the best the checker finds: {hint}."
         )
-    print("Correct: your temperatures fit the held-out text as well as the best ones (within 0.002 nats).")
+    passed("Correct: your temperatures fit the held-out text as well as the best ones (within 0.002 nats).")

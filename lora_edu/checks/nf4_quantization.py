@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from lora_edu.checks._core import CheckFailed, call_learner
+from lora_edu.checks._core import CheckFailed, call_learner, passed
 from lora_edu.nf4 import bits_per_parameter as _bits_per_parameter
 from lora_edu.nf4 import ZERO_CODE, nf4_code, quantize_nf4
 
@@ -104,7 +104,7 @@ def check_nf4_values(nf4_values: Callable[[], torch.Tensor]) -> None:
         raise CheckFailed(
             f"Your levels are right but {got.dtype}: return float32 (.float()), the dtype bitsandbytes stores them in."
         )
-    print("Correct: 16 NF4 levels from normal quantiles, 8 positive, 7 negative and an exact 0, spanning [-1, 1].")
+    passed("Correct: 16 NF4 levels from normal quantiles, 8 positive, 7 negative and an exact 0, spanning [-1, 1].")
 
 
 # ---------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def check_quantize_block(quantize_block: Callable) -> None:
         if torch.equal(indices, want):
             continue
         _diagnose_indices(setting, block, code, indices, want)
-    print("Correct: each value goes to its nearest level after dividing by the block's absmax, ties to the lower one.")
+    passed("Correct: each value goes to its nearest level after dividing by the block's absmax, ties to the lower one.")
 
 
 def _diagnose_indices(setting, block, code, indices, want) -> None:
@@ -300,9 +300,9 @@ def _hex(values: torch.Tensor) -> str:
 def _check_pack(pack: Callable) -> None:
     for setting, indices, want in _pack_cases():
         n = indices.numel()
-        passed = indices.clone()
+        given = indices.clone()
         try:
-            got = call_learner(pack, passed)
+            got = call_learner(pack, given)
         except (RuntimeError, IndexError) as err:
             if n % 2 == 0:
                 raise
@@ -310,7 +310,7 @@ def _check_pack(pack: Callable) -> None:
                 f"For {setting}, an odd count, pack raised {type(err).__name__} ({_first_line(err)}): bring the "
                 f"indices to an even length first: {_PAD_WITH_7}; the last byte then holds the last index and a 7."
             ) from err
-        if not torch.equal(passed, indices):
+        if not torch.equal(given, indices):
             raise CheckFailed("pack changed its argument indices in place: build the bytes as a new tensor.")
         if not isinstance(got, torch.Tensor):
             raise CheckFailed(f"pack should return a torch.Tensor of bytes, but it returned {_returned(got)}.")
@@ -356,9 +356,9 @@ def _check_pack(pack: Callable) -> None:
 def _check_unpack(unpack: Callable) -> None:
     for setting, indices, packed in _pack_cases():
         n = indices.numel()
-        passed = packed.clone()
-        got = call_learner(unpack, passed, n)
-        if not torch.equal(passed, packed):
+        given = packed.clone()
+        got = call_learner(unpack, given, n)
+        if not torch.equal(given, packed):
             raise CheckFailed("unpack changed its argument packed in place: build the indices as a new tensor.")
         if not isinstance(got, torch.Tensor):
             raise CheckFailed(f"unpack should return a torch.Tensor of {n} indices, but it returned {_returned(got)}.")
@@ -405,7 +405,7 @@ def check_pack_unpack(pack: Callable, unpack: Callable) -> None:
         back = call_learner(unpack, call_learner(pack, indices.clone()), n)
         if not isinstance(back, torch.Tensor) or not torch.equal(back.long(), indices):
             raise CheckFailed(f"For {n} random indices, unpack(pack(indices), {n}) does not give the indices back.")
-    print("Correct: two indices per byte, the first in the high nibble, an odd count padded with 7 (the index of "
+    passed("Correct: two indices per byte, the first in the high nibble, an odd count padded with 7 (the index of "
           "0.0), and unpack gives them back.")
 
 
@@ -468,7 +468,7 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
             f"For blocksize={blocksizes[i]} and double_quant={double_quant}, you returned {got[i]:g} bits but NF4 "
             f"takes {want[i]:g}: {hint}."
         )
-    print("Correct: 4 bits for the index plus its share of the absmax: 4.5 at blocksize 64, 4.127 double-quantized.")
+    passed("Correct: 4 bits for the index plus its share of the absmax: 4.5 at blocksize 64, 4.127 double-quantized.")
 
 
 # ---------------------------------------------------------------------------
@@ -539,4 +539,4 @@ def check_lloyd_max_levels(levels: torch.Tensor) -> None:
             f"Your levels beat NF4 ({yours:.3e} against {nf4:.3e}) but not yet the best the checker finds "
             f"({best:.3e}): let them move for more steps, until they stop."
         )
-    print(f"Correct: mean squared error {yours:.3e} on fresh blocks, {1 - yours / nf4:.0%} below NF4's {nf4:.3e}.")
+    passed(f"Correct: mean squared error {yours:.3e} on fresh blocks, {1 - yours / nf4:.0%} below NF4's {nf4:.3e}.")

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner
+from lora_edu.checks._core import CheckFailed, call_learner, passed
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
@@ -195,7 +195,7 @@ def check_fine_tuning_bytes(fine_tuning_bytes: Callable[[int, int, int, str], fl
             f"For {setting} and method={method!r}, you returned {got[i]:,.0f} bytes but it takes {want:,.0f}: {hint}."
         )
     gpt2 = cases[1][4]
-    print(f"Correct: fine-tuning GPT-2 124M (rank-64 adapters) takes {gpt2['full'] / 2**30:.2f} GiB in full, "
+    passed(f"Correct: fine-tuning GPT-2 124M (rank-64 adapters) takes {gpt2['full'] / 2**30:.2f} GiB in full, "
           f"{gpt2['lora'] / 2**30:.2f} GiB with LoRA and {gpt2['qlora'] / 2**30:.2f} GiB with QLoRA, "
           "before activations.")
 
@@ -370,7 +370,7 @@ def check_quantize_and_count(quantize_linears: Callable[[nn.Module], nn.Module],
     _check_count(count_full_precision)
     n_float = _full_precision_count(original)
     n_all = sum(p.numel() for p in original.parameters())
-    print(f"Correct: {len(_block_linears(original))} linear layers in 4 bits, lm_head tied and untouched, and "
+    passed(f"Correct: {len(_block_linears(original))} linear layers in 4 bits, lm_head tied and untouched, and "
           f"{n_float:,} of the model's {n_all:,} parameters left in float32.")
 
 
@@ -535,7 +535,7 @@ def check_training_step(training_step: Callable) -> None:
             else:
                 hint = "return loss.item() of the loss that _, loss = model(x, y) gives"
             raise CheckFailed(f"For {step}, you returned the loss {got:.6f} but it is {want_loss:.6f}: {hint}.")
-    print("Correct: zero the gradients, back-propagate, clip to norm 0.3, step; only the adapters change and the "
+    passed("Correct: zero the gradients, back-propagate, clip to norm 0.3, step; only the adapters change and the "
           "4-bit base stays as it was.")
 
 
@@ -613,5 +613,5 @@ def check_blocksize_experiment(roundtrip_error: Callable, w: torch.Tensor, error
             hint = "a larger block size you measured still stays within the tolerance"
         raise CheckFailed(f"largest_ok is {largest_ok!r}, but {hint}: read your own measurements again.")
     saved = bits_per_parameter(64) - bits_per_parameter(answer)
-    print(f"Correct: up to blocksize {answer} the error stays within {ERROR_TOLERANCE:g}x blocksize 64's, and "
+    passed(f"Correct: up to blocksize {answer} the error stays within {ERROR_TOLERANCE:g}x blocksize 64's, and "
           f"the absmaxes cost {saved:.2f} bits per weight less than at 64 (without double quantization).")

@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor
+from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
 from lora_edu.svd import low_rank_approx, low_rank_parameters, rank_for_energy
 
 __all__ = [
@@ -55,7 +55,7 @@ def check_low_rank_factors(low_rank_factors: Callable[[torch.Tensor, int], tuple
                 f"For {name} and r={r}, ||W - B @ A|| is {error:.3f} but the best rank-{r} "
                 f"approximation reaches {torch.linalg.norm(W - want).item():.3f}: {hint}."
             )
-    print("Correct: B @ A is the best rank-r approximation, as Eckart-Young-Mirsky says.")
+    passed("Correct: B @ A is the best rank-r approximation, as Eckart-Young-Mirsky says.")
 
 
 def check_rank_for_energy(rank_for_energy_fn: Callable[[torch.Tensor, float], int]) -> None:
@@ -87,7 +87,7 @@ def check_rank_for_energy(rank_for_energy_fn: Callable[[torch.Tensor, float], in
             (case, a, w) for case, a, w in zip(cases, answers, wanted) if a != w
         )
         raise CheckFailed(f"For {name} and energy={energy}, the answer is r={want} but you returned {got}: {hint}.")
-    print("Correct: you find the smallest rank that reaches the energy.")
+    passed("Correct: you find the smallest rank that reaches the energy.")
 
 
 def _rank_reaching(values: torch.Tensor, energy: float) -> int:
@@ -111,7 +111,7 @@ def check_low_rank_parameters(count: Callable[[int, int, int], int]) -> None:
         else:
             hint = "count the entries of each factor from its shape, and add them"
         raise CheckFailed(f"For d={d}, k={k}, r={r} you counted {got} but B and A hold {want}: {hint}.")
-    print("Correct: rank r costs r (d + k) parameters instead of d k.")
+    passed("Correct: rank r costs r (d + k) parameters instead of d k.")
 
 
 # ---------------------------------------------------------------------------
@@ -181,4 +181,4 @@ def check_rank_keeping_gain(r: int, delta: dict[str, torch.Tensor], share: float
                 f"Rank {r} keeps {kept:.1%}, but rank {r - 1} already keeps {below:.1%}: the smallest rank is lower. "
                 "Test every rank, not only powers of two."
             )
-    print(f"Correct: rank {r} is the smallest that keeps {share:.0%} of the gain ({kept:.1%}).")
+    passed(f"Correct: rank {r} is the smallest that keeps {share:.0%} of the gain ({kept:.1%}).")
