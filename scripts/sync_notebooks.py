@@ -13,6 +13,8 @@
 
     python scripts/sync_notebooks.py          # rewrite what is out of date
     python scripts/sync_notebooks.py --check  # exit 1 and name what is out of date
+    python scripts/sync_notebooks.py --repository https://github.com/you/lora-edu [--branch main]
+        # a fork: point _config.yml and every copy of the URL at it, then restamp
 """
 
 from __future__ import annotations
@@ -156,6 +158,28 @@ def expected_notebooks(root: Path = ROOT) -> dict[Path, str]:
     return expected
 
 
+# Files that spell out the repository's URL beside _config.yml (install and clone lines).
+URL_FILES = ("README.md", "book/intro.md", "pyproject.toml")
+
+
+def restamp(url: str, branch: str | None = None, root: Path = ROOT) -> None:
+    """Point the book at another repository (a fork): _config.yml first, then every copy of its URL."""
+    if not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url):
+        raise ValueError(f"url must look like https://github.com/OWNER/REPO (Colab opens notebooks from GitHub), got {url!r}")
+    old_url, _ = repository(root)
+    config = root / "_config.yml"
+    text = config.read_text().replace(f"url: {old_url}", f"url: {url}")
+    if branch is not None:
+        text = re.sub(r"(?m)^(\s*branch:\s*)\S+", lambda m: m.group(1) + branch, text, count=1)
+    config.write_text(text)
+    for name in URL_FILES:
+        path = root / name
+        if path.is_file():
+            path.write_text(path.read_text().replace(old_url, url))
+    for path, text in expected_notebooks(root).items():
+        path.write_text(text)
+
+
 def out_of_date(root: Path = ROOT) -> list[Path]:
     """Notebooks whose text differs from what sync would write, and stray exercises."""
     expected = expected_notebooks(root)
@@ -167,7 +191,13 @@ def out_of_date(root: Path = ROOT) -> list[Path]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything is out of date")
+    parser.add_argument("--repository", metavar="URL", help="restamp everything for this repository (a fork)")
+    parser.add_argument("--branch", help="with --repository: the branch Colab opens (default: unchanged)")
     args = parser.parse_args()
+    if args.repository:
+        restamp(args.repository, args.branch)
+        print(f"now pointing at {args.repository}: _config.yml, {', '.join(URL_FILES)} and every notebook")
+        return 0
     if args.check:
         stale = out_of_date()
         for path in stale:

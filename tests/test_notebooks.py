@@ -137,3 +137,34 @@ def test_progress_bars_are_stored_as_a_terminal_leaves_them():
         ("stderr", "training: 100%|##| 2/2\n"),
         ("stdout", "loss 1.5\ndone\n"),
     ]
+
+
+def test_only_a_stub_may_stop_an_exercise():
+    from nbval_installed import is_stub_error
+
+    assert is_stub_error("NotImplementedError", "write the LoRA forward pass")
+    assert is_stub_error("CheckFailed", "lora_forward is still the stub: replace the `raise ...` line")
+    assert not is_stub_error("CheckFailed", "your output has the wrong shape")
+    assert not is_stub_error("FileNotFoundError", "../benchmarks/results/loraplus_sweep.json")
+
+
+def test_a_fork_is_restamped_everywhere_by_one_command(tmp_path):
+    import shutil
+
+    for name in ("_config.yml", "README.md", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for folder in ("book", "solutions"):
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    (tmp_path / "exercises").mkdir()
+    old_url, _ = sync_notebooks.repository(tmp_path)
+    fork = "https://github.com/someone/my-lora-book"
+    sync_notebooks.restamp(fork, "teaching", root=tmp_path)
+    assert sync_notebooks.repository(tmp_path) == (fork, "teaching")
+    stamped = [tmp_path / n for n in sync_notebooks.URL_FILES] + sorted(tmp_path.glob("*/*.ipynb"))
+    assert not [p.name for p in stamped if p.is_file() and old_url in p.read_text()]
+    setup = (tmp_path / "book" / BOOK[0].name).read_text()
+    assert f"git+{fork}@teaching" in setup and f"github/someone/my-lora-book/blob/teaching/book/" in setup
+    assert not sync_notebooks.out_of_date(tmp_path)
+    with pytest.raises(ValueError, match="url must look like"):
+        sync_notebooks.restamp("git@github.com:someone/fork.git", root=tmp_path)
+
