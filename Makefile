@@ -19,6 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python scripts/fetch_mathjax.py
 	touch $(STAMP)
 
 # Outputs come from the committed notebooks (execution is off in _config.yml);

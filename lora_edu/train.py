@@ -171,7 +171,8 @@ def train(
 
     model.train()
     record_eval(0)
-    bar = tqdm(range(1, config.steps + 1), disable=not progress, desc="training", unit="step")
+    # ncols: the bar and its postfix fit the book's 79-column text, as the printed output does
+    bar = tqdm(range(1, config.steps + 1), disable=not progress, desc="training", unit="step", ncols=79)
     for step in bar:
         scale = config.lr_at(step - 1) / config.lr
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
