@@ -321,7 +321,9 @@ def prepare_for_kbit_training(
     if gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise TypeError(f"a {type(model).__name__} has no gradient_checkpointing_enable(); pass gradient_checkpointing=False")
-        if hasattr(model, "get_input_embeddings"):  # Hugging Face
+        if hasattr(model, "activation_checkpointing_enable"):  # Hugging Face 5.x's name; the old one is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        elif hasattr(model, "get_input_embeddings"):  # Hugging Face before the rename
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         else:
             model.gradient_checkpointing_enable(use_reentrant=use_reentrant)
