@@ -33,6 +33,8 @@ WRONG_FORWARDS = {
     "scaled by alpha": (lambda x, W0, b0, A, B, alpha, r: x @ W0.T + b0 + alpha * (x @ A.T) @ B.T, "by alpha, but"),
     "scaled by r / alpha": (lambda x, W0, b0, A, B, alpha, r: x @ W0.T + b0 + r / alpha * (x @ A.T) @ B.T, "by r / alpha"),
     "not scaled": (lambda x, W0, b0, A, B, alpha, r: x @ W0.T + b0 + (x @ A.T) @ B.T, "not scaled"),
+    "integer division": (lambda x, W0, b0, A, B, alpha, r: x @ W0.T + b0 + (alpha // r) * (x @ A.T) @ B.T,
+                         "integer division, which truncates"),
     "no bias": (lambda x, W0, b0, A, B, alpha, r: x @ W0.T + alpha / r * (x @ A.T) @ B.T, "bias is missing"),
     "only LoRA": (lambda x, W0, b0, A, B, alpha, r: alpha / r * (x @ A.T) @ B.T, "only the LoRA path"),
     "LoRA and bias only": (lambda x, W0, b0, A, B, alpha, r: b0 + alpha / r * (x @ A.T) @ B.T, "x @ W0.T is missing"),
@@ -304,3 +306,26 @@ def test_smallest_rank_rejects(name):
     losses, rank, message = WRONG_RANK_ANSWERS[name]
     with pytest.raises(CheckFailed, match=message):
         check_smallest_rank(losses, rank)
+
+
+def test_in_jupyter_a_failed_check_shows_its_message_and_none_of_the_checkers_code():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_cell("import lora_edu.checks, importlib; importlib.reload(lora_edu.checks)")
+        shown = []
+        shell._showtraceback = lambda etype, evalue, stb: shown.append("\n".join(stb))
+        result = shell.run_cell(
+            "def lora_forward(x, W0, b0, A, B, alpha, r):\n"
+            "    return x @ W0.T + b0\n"
+            "lora_edu.checks.check_lora_forward(lora_forward)"
+        )
+    finally:
+        InteractiveShell.clear_instance()
+    assert type(result.error_in_exec).__name__ == "CheckFailed"
+    (text,) = shown
+    assert text.startswith("CheckFailed: ") and "LoRA path is missing" in text
+    assert "alpha / r\n" not in text and "base, lora, scaling" not in text  # no checker lines
+    assert len(text.splitlines()) == 1
+

@@ -4,6 +4,9 @@ A checker prints one line when your answer is right and raises :class:`CheckFail
 with a sentence about the first thing that is wrong otherwise. The reference
 answers are the package's own functions, the same ones the chapters use. One module
 per chapter; import them all from here.
+
+In Jupyter (IPython), a failed check shows its message alone: a traceback would print
+the checker's own lines, and with them the answer.
 """
 
 from lora_edu.checks._core import CheckFailed
@@ -45,6 +48,27 @@ from lora_edu.checks.svd_intuition import (
     check_rank_for_energy,
     check_rank_keeping_gain,
 )
+
+
+
+def _show_failed_checks_as_a_message() -> None:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+
+    def message_only(shell, etype, value, tb, tb_offset=None):
+        lines = [f"{etype.__name__}: {value}"]
+        shell._showtraceback(etype, value, lines)  # IPython leaves the showing to the handler
+        return lines
+
+    shell.set_custom_exc((CheckFailed,), message_only)
+
+
+_show_failed_checks_as_a_message()
 
 __all__ = [
     "CheckFailed",

@@ -87,6 +87,9 @@ def check_lora_forward(lora_forward: Callable) -> None:
         if _close(got, want):
             continue
         wrong = [
+            *([(base + b0 + (alpha // r) * lora,
+                f"alpha // r is integer division, which truncates ({alpha:g} // {r} is {alpha // r:g}, "
+                f"not {alpha / r:.3g}); use alpha / r")] if alpha % r else []),
             (base + b0 + alpha * lora, "you scaled the LoRA path by alpha, but the scaling is alpha / r"),
             (base + b0 + (r / alpha) * lora, "you scaled the LoRA path by r / alpha, but the scaling is alpha / r"),
             (base + b0 + lora, "the LoRA path is not scaled; multiply (x @ A.T) @ B.T by alpha / r"),

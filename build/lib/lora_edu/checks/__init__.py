@@ -1,0 +1,77 @@
+"""Checkers for the exercises: each takes your function, tries it, and says what is wrong.
+
+A checker prints one line when your answer is right and raises :class:`CheckFailed`
+with a sentence about the first thing that is wrong otherwise. The reference
+answers are the package's own functions, the same ones the chapters use. One module
+per chapter; import them all from here.
+"""
+
+from lora_edu.checks._core import CheckFailed
+from lora_edu.checks.lora_from_scratch import (
+    check_count_lora_parameters,
+    check_inject_lora,
+    check_lora_forward,
+    check_merge_unmerge,
+    check_smallest_rank,
+)
+from lora_edu.checks.lora_plus import (
+    check_loraplus_groups,
+    check_lr_by_parameter,
+    check_sign_descent_step,
+    check_toy_best_pair,
+)
+from lora_edu.checks.meet_the_model import (
+    check_best_temperature,
+    check_cross_entropy,
+    check_next_token_probs,
+    check_parameter_count,
+)
+from lora_edu.checks.nf4_quantization import (
+    check_bits_per_parameter,
+    check_lloyd_max_levels,
+    check_nf4_values,
+    check_pack_unpack,
+    check_quantize_block,
+)
+from lora_edu.checks.qlora_gpt2 import (
+    check_blocksize_experiment,
+    check_fine_tuning_bytes,
+    check_quantize_and_count,
+    check_training_step,
+)
+from lora_edu.checks.svd_intuition import (
+    check_low_rank_factors,
+    check_low_rank_parameters,
+    check_rank_for_energy,
+    check_rank_keeping_gain,
+)
+
+__all__ = [
+    "CheckFailed",
+    "check_best_temperature",
+    "check_bits_per_parameter",
+    "check_blocksize_experiment",
+    "check_count_lora_parameters",
+    "check_cross_entropy",
+    "check_fine_tuning_bytes",
+    "check_inject_lora",
+    "check_lloyd_max_levels",
+    "check_lora_forward",
+    "check_loraplus_groups",
+    "check_low_rank_factors",
+    "check_low_rank_parameters",
+    "check_lr_by_parameter",
+    "check_merge_unmerge",
+    "check_next_token_probs",
+    "check_nf4_values",
+    "check_pack_unpack",
+    "check_parameter_count",
+    "check_quantize_and_count",
+    "check_quantize_block",
+    "check_rank_for_energy",
+    "check_rank_keeping_gain",
+    "check_sign_descent_step",
+    "check_smallest_rank",
+    "check_toy_best_pair",
+    "check_training_step",
+]

@@ -1,0 +1,31 @@
+"""The committed benchmark results, shipped with the package so every chapter can read them.
+
+The scripts in ``benchmarks/`` measure (speed, memory, sweeps too long for a chapter's
+three minutes) and write here, one JSON file per run, each naming its device, versions,
+date and command. A chapter reads them with :func:`load`, which works the same in a
+checkout and on Colab, where the installed package is all there is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["RESULTS_DIR", "load", "names"]
+
+RESULTS_DIR = Path(__file__).resolve().parent
+
+
+def names() -> list[str]:
+    """The results there are, e.g. ``["lora_latency", "lora_latency_cpu", ...]``."""
+    return sorted(path.stem for path in RESULTS_DIR.glob("*.json"))
+
+
+def load(name: str) -> dict:
+    """The record of benchmark run ``name`` (a file name without ``.json``), as a dict."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results named {name!r}; there are: {', '.join(names())}")
+    return json.loads(path.read_text())
