@@ -1,0 +1,108 @@
+"""DoRA: a fresh layer is its base, it equals PEFT's use_dora=True, merges exactly, and ΔM/ΔD are right."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_edu.dora import DoRALinear, weight_decomposition
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from hf_models import small_hf_gpt2  # noqa: E402
+
+
+def trained(layer: DoRALinear, seed: int = 1) -> DoRALinear:
+    """As if trained: random B and a magnitude moved away from ||W0||."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+        layer.magnitude.mul_(1 + 0.2 * torch.rand(layer.magnitude.shape, generator=g))
+    return layer
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "Conv1D"])
+def test_a_fresh_dora_layer_is_its_base_and_the_magnitude_is_the_row_norm(conv1d):
+    torch.manual_seed(0)
+    base = transformers.pytorch_utils.Conv1D(5, 7) if conv1d else nn.Linear(7, 5)
+    layer = DoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
+    w = base.weight.T if conv1d else base.weight  # (out, in)
+    assert layer.magnitude.shape == (5,)
+    torch.testing.assert_close(layer.magnitude.detach(), torch.linalg.norm(w, dim=1).detach())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("train", [False, True])
+def test_dora_equals_peft_use_dora_on_hf_gpt2(dropout, train):
+    hf = small_hf_gpt2()
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True,
+                             target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    theirs = peft.get_peft_model(copy.deepcopy(hf), config)
+    ours = copy.deepcopy(hf)
+    for name, module in theirs.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            g = torch.Generator().manual_seed(len(name))
+            with torch.no_grad():
+                module.lora_B["default"].weight.normal_(generator=g)
+                magnitude = module.lora_magnitude_vector["default"].weight
+                magnitude.mul_(1 + 0.1 * torch.rand(magnitude.shape, generator=g))
+            path = name.removeprefix("base_model.model.")
+            parent, child = path.rsplit(".", 1)
+            layer = DoRALinear(ours.get_submodule(path), r=4, alpha=8, dropout=dropout, fan_in_fan_out=True)
+            with torch.no_grad():
+                layer.lora_A.weight.copy_(module.lora_A["default"].weight)
+                layer.lora_B.weight.copy_(module.lora_B["default"].weight)
+                layer.magnitude.copy_(magnitude)
+            setattr(ours.get_submodule(parent), child, layer)
+    theirs.train(train), ours.train(train)
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(7)
+    want = theirs(idx).logits
+    torch.manual_seed(7)
+    got = ours(idx).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # Gradients too: the norm is detached in both (the paper's Section 4.3).
+    want.square().mean().backward(), got.square().mean().backward()
+    peft_grads = {n.removeprefix("base_model.model."): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, p in ours.named_parameters():
+        if "lora_" in name or "magnitude" in name:
+            peft_name = (name.replace("lora_A.weight", "lora_A.default.weight")
+                         .replace("lora_B.weight", "lora_B.default.weight")
+                         .replace("magnitude", "lora_magnitude_vector.default.weight"))
+            torch.testing.assert_close(p.grad, peft_grads[peft_name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "Conv1D"])
+def test_merge_and_unmerge_are_exact_inverses_on_a_non_square_weight(conv1d):
+    torch.manual_seed(0)
+    base = transformers.pytorch_utils.Conv1D(12, 5) if conv1d else nn.Linear(5, 12)
+    original = base.weight.detach().clone()
+    layer = trained(DoRALinear(base, r=3, alpha=6, fan_in_fan_out=conv1d))
+    x = torch.randn(4, 5)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base(x), before, rtol=1e-5, atol=1e-6)  # the base layer alone now
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decomposition_separates_magnitude_from_direction():
+    torch.manual_seed(0)
+    w0 = torch.randn(6, 4)
+    delta_m, delta_d = weight_decomposition(w0, 3 * w0)  # rows longer, same directions
+    assert delta_m == pytest.approx(2 * torch.linalg.norm(w0, dim=1).mean().item()) and delta_d == pytest.approx(0, abs=1e-12)
+    rotation = torch.linalg.qr(torch.randn(4, 4))[0]
+    delta_m, delta_d = weight_decomposition(w0, w0 @ rotation)  # same lengths, new directions
+    assert delta_m == pytest.approx(0, abs=1e-5) and delta_d > 0.1
+    with pytest.raises(ValueError, match="same shape"):
+        weight_decomposition(w0, w0.T)
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        weight_decomposition(w0[0], w0[0])
