@@ -41,6 +41,8 @@ class DoRALinear(LoRALinear):
     ``fan_in_fan_out`` for GPT-2's Conv1D, a 4-bit base). ``magnitude`` has shape (out,).
     """
 
+    use_dora = True
+
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  fan_in_fan_out: bool = False, use_rslora: bool = False):
         super().__init__(base_layer, r, alpha, dropout, fan_in_fan_out, use_rslora)

@@ -118,6 +118,8 @@ class LoRALinear(nn.Module):
         # not apply dropout (PEFT's from_pretrained also returns a model in eval mode).
         self.train(base_layer.training)
 
+    use_dora = False  # DoRALinear says True
+
     @property
     def dropout(self) -> float:
         return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
@@ -183,7 +185,7 @@ def _name_matches(name: str, target: str) -> bool:
 
 def _is_lora_key(key: str) -> bool:
     parts = key.split(".")
-    return "lora_A" in parts or "lora_B" in parts
+    return "lora_A" in parts or "lora_B" in parts or parts[-1] == "magnitude"  # DoRA's magnitudes too
 
 
 def _matches(name: str, patterns: str | list[str] | tuple[str, ...]) -> bool:
@@ -220,6 +222,7 @@ def add_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     exclude: tuple[str, ...] = ("lm_head",),
+    use_dora: bool = False,
 ) -> nn.Module:
     """Wrap the target linear layers of ``model`` in :class:`LoRALinear`, in place.
 
@@ -228,13 +231,17 @@ def add_lora(
     matched against full names (``r".*\\.h\\.[01]\\.attn\\.c_attn"``), or ``"all-linear"``:
     every nn.Linear and Conv1D except those named in ``exclude`` (the output head by default;
     GPT-2 ties it to the embedding). Afterwards only the LoRA parameters are trainable.
-    The new layers take the train/eval mode of the layers they wrap. Returns ``model``;
-    if it refuses, the model is left unchanged.
+    The new layers take the train/eval mode of the layers they wrap. ``use_dora=True``
+    makes them :class:`~lora_edu.dora.DoRALinear` (PEFT's ``use_dora``), whose magnitudes
+    train too. Returns ``model``; if it refuses, the model is left unchanged.
     """
     if isinstance(exclude, str):  # a bare string would be iterated letter by letter
         exclude = (exclude,)
+    if not isinstance(use_dora, bool):
+        raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
     _check_targets(targets)
-    _add_lora(model, targets, tuple(exclude) if targets == "all-linear" else (), r, alpha, dropout, use_rslora)
+    _add_lora(model, targets, tuple(exclude) if targets == "all-linear" else (), r, alpha, dropout, use_rslora,
+              use_dora)
     model._lora_targets = (targets, None)  # for save_adapter's target_modules
     return model
 
@@ -246,7 +253,7 @@ def _check_targets(targets) -> None:
         raise TypeError(f"targets must be a list of module names, a regex string, or 'all-linear'; got {targets!r}")
 
 
-def _add_lora(model: nn.Module, targets, exclude, r, alpha, dropout, use_rslora) -> None:
+def _add_lora(model: nn.Module, targets, exclude, r, alpha, dropout, use_rslora, use_dora=False) -> None:
     """add_lora with PEFT's ``exclude_modules`` (names or a regex, for any ``targets``)."""
     if lora_layers(model):
         raise ValueError("model already has LoRA layers; add_lora once (or merge_lora first)")
@@ -270,11 +277,17 @@ def _add_lora(model: nn.Module, targets, exclude, r, alpha, dropout, use_rslora)
     # Build every layer before replacing any, so that a refusal leaves the model as it was
     # (LoRALinear freezes its base: those flags are put back too).
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    if use_dora:
+        from lora_edu.dora import DoRALinear  # dora builds on this module
+
+        layer_class = DoRALinear
+    else:
+        layer_class = LoRALinear
     wrapped = {}
     for name in chosen:
         base = modules[name]
         try:
-            wrapped[name] = LoRALinear(base, r, alpha, dropout, fan_in_fan_out=_is_conv1d(base), use_rslora=use_rslora)
+            wrapped[name] = layer_class(base, r, alpha, dropout, fan_in_fan_out=_is_conv1d(base), use_rslora=use_rslora)
         except TypeError as err:
             for p, flag in requires_grad:
                 p.requires_grad_(flag)
@@ -286,12 +299,14 @@ def _add_lora(model: nn.Module, targets, exclude, r, alpha, dropout, use_rslora)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """Freeze every parameter except the LoRA factors A and B."""
+    """Freeze every parameter except the LoRA factors A and B (and DoRA's magnitudes)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in lora_layers(model).values():
         for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters()):
             p.requires_grad_(True)
+        if hasattr(layer, "magnitude"):
+            layer.magnitude.requires_grad_(True)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -332,7 +347,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA factors: ``<module>.lora_A.weight`` and ``<module>.lora_B.weight``."""
+    """Only the adapter: ``<module>.lora_A.weight``, ``<module>.lora_B.weight`` (and DoRA's ``<module>.magnitude``)."""
     return {k: v for k, v in model.state_dict().items() if _is_lora_key(k)}
 
 
@@ -398,6 +413,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
         "lora_alpha": _shared_setting(layers, "alpha"),
         "lora_dropout": _shared_setting(layers, "dropout"),
         "use_rslora": _shared_setting(layers, "use_rslora"),
+        "use_dora": _shared_setting(layers, "use_dora"),
         "fan_in_fan_out": _shared_setting(layers, "fan_in_fan_out"),
         "target_modules": targets,
         "exclude_modules": exclude,
@@ -409,13 +425,29 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, base_model_name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + _peft_key(k): v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return directory
 
 
+def _peft_key(key: str) -> str:
+    """Our state-dict key as PEFT writes it: DoRA's magnitude is ``<module>.lora_magnitude_vector``."""
+    return key.removesuffix(".magnitude") + ".lora_magnitude_vector" if key.endswith(".magnitude") else key
+
+
+def _our_key(key: str) -> str:
+    """A PEFT key (on disk or in memory) as ours."""
+    key = key.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight")
+    for peft_name in (".lora_magnitude_vector.weight", ".lora_magnitude_vector"):
+        if key.endswith(peft_name):
+            return key.removesuffix(peft_name) + ".magnitude"
+    return key
+
+
 # What load_adapter reads from adapter_config.json.
-_ADAPTER_SETTINGS = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules")
+_ADAPTER_SETTINGS = (
+    "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules", "exclude_modules",
+)
 # Keys that change nothing here: where the adapter came from, how PEFT ran, the layout of
 # the base weight (fan_in_fan_out: lora_edu reads it from the layer), and settings used only
 # together with an option refused below (layers_pattern, qalora_group_size, megatron_core).
@@ -432,7 +464,6 @@ _OPTION_MEANS = {
     "alpha_pattern": "per-layer alphas",
     "modules_to_save": "fully trained copies of other modules",
     "bias": "trained biases",
-    "use_dora": "DoRA's magnitude vectors",
     "init_lora_weights": "an initialisation that changes the base weights",
     "lora_bias": "a trained bias beside lora_B",
     "trainable_token_indices": "trained embedding rows",
@@ -466,8 +497,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     by PEFT's rules, and take the train/eval mode of the layers they wrap. Loading a second
     adapter into a model that already has matching LoRA layers replaces the first: that is
     how one base model switches between adapters. PEFT options that LoRALinear cannot
-    represent (``rank_pattern``, ``modules_to_save``, ``bias`` other than "none", DoRA, ...)
-    are refused by name. If the adapter does not fit, the model is left as it was.
+    represent (``rank_pattern``, ``modules_to_save``, ``bias`` other than "none", ...) are
+    refused by name; a DoRA adapter (``use_dora``) loads into DoRA layers. If the adapter does not fit, the model is left as it was.
     """
     directory = Path(directory)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -482,7 +513,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{directory} uses {'; '.join(unsupported)}, which lora_edu does not support; "
             "the model was left unchanged"
         )
-    settings = {"r": config["r"], "alpha": config["lora_alpha"], "use_rslora": config.get("use_rslora", False)}
+    settings = {"r": config["r"], "alpha": config["lora_alpha"], "use_rslora": config.get("use_rslora", False),
+                "use_dora": bool(config.get("use_dora", False))}
     layers = lora_layers(model)
     if layers:
         _load_into_layers(model, layers, settings, directory)
@@ -516,8 +548,7 @@ def _load_into_layers(model: nn.Module, layers: dict[str, LoRALinear], settings:
         for key, value in settings.items():
             if getattr(layer, key) != value:
                 raise ValueError(f"adapter has {key}={value} but the model's LoRA layer {name} has {key}={getattr(layer, key)}")
-    state = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(directory / ADAPTER_WEIGHTS)).items()}
-    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}  # PEFT in-memory names
+    state = {_our_key(k): v for k, v in load_file(str(directory / ADAPTER_WEIGHTS)).items()}
     expected = lora_state_dict(model)
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

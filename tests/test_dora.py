@@ -106,3 +106,41 @@ def test_weight_decomposition_separates_magnitude_from_direction():
         weight_decomposition(w0, w0.T)
     with pytest.raises(ValueError, match="2-D floating-point"):
         weight_decomposition(w0[0], w0[0])
+
+
+def test_a_dora_adapter_round_trips_with_peft_in_both_directions(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from lora_edu.lora import add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+
+    hf = small_hf_gpt2()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
+    ours = add_lora(copy.deepcopy(hf), ["c_attn", "c_proj"], r=4, alpha=8, use_dora=True)
+    for layer in lora_layers(ours).values():
+        trained(layer, seed=layer.out_features)
+    assert all(layer.magnitude.requires_grad for layer in lora_layers(ours).values())
+    save_adapter(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    keys = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert config["use_dora"] is True
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector" in keys  # PEFT's name, no .weight
+    want = ours(idx).logits
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(idx).logits, want, rtol=1e-5, atol=1e-5)
+
+    theirs.save_pretrained(tmp_path / "theirs")  # and back: PEFT's file into a fresh model here
+    back = load_adapter(copy.deepcopy(hf), tmp_path / "theirs")
+    torch.testing.assert_close(back(idx).logits, want, rtol=1e-5, atol=1e-5)
+
+    merged = merge_lora(back)  # DoRA merges away like LoRA
+    assert not lora_layers(merged)
+    torch.testing.assert_close(merged(idx).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_add_lora_use_dora_must_be_a_bool():
+    from lora_edu.lora import add_lora
+
+    with pytest.raises(TypeError, match="use_dora must be True or False"):
+        add_lora(small_hf_gpt2(), ["c_attn"], use_dora="yes")
