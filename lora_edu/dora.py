@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_edu.lora import LoRALinear, is_quantized
-from lora_edu.nf4 import NF4Linear, dequantize_nf4
+from lora_edu.nf4 import NF4Linear
 
 __all__ = ["DoRALinear", "weight_decomposition"]
 
@@ -55,7 +55,7 @@ class DoRALinear(LoRALinear):
         """W0 as (out, in), dequantized if the base is 4-bit, in the adapter's dtype."""
         base = self.base_layer
         if isinstance(base, NF4Linear):
-            weight = dequantize_nf4(base.weight_packed, base.state, torch.float32)
+            weight = base.dequantized_weight()
         elif is_quantized(base):  # bitsandbytes' Linear4bit
             import bitsandbytes.functional as bnb_functional
 

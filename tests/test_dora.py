@@ -144,3 +144,22 @@ def test_add_lora_use_dora_must_be_a_bool():
 
     with pytest.raises(TypeError, match="use_dora must be True or False"):
         add_lora(small_hf_gpt2(), ["c_attn"], use_dora="yes")
+
+
+def test_qdora_takes_the_norm_of_the_dequantized_weight():
+    from lora_edu.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    quantized = NF4Linear.from_linear(linear)
+    dequantized = nn.Linear(64, 32)
+    with torch.no_grad():
+        dequantized.weight.copy_(quantized.dequantized_weight())
+        dequantized.bias.copy_(linear.bias)
+    qdora = trained(DoRALinear(quantized, r=4, alpha=8))
+    dora = DoRALinear(dequantized, r=4, alpha=8)
+    dora.load_state_dict({k: v for k, v in qdora.state_dict().items() if not k.startswith("base_layer")}, strict=False)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(qdora(x), dora(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="4-bit base"):
+        qdora.merge()
