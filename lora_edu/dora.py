@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lora_edu.lora import LoRALinear, is_quantized
 from lora_edu.nf4 import NF4Linear
 
-__all__ = ["DoRALinear", "weight_decomposition"]
+__all__ = ["DoRALinear", "adapted_weight", "weight_decomposition"]
 
 
 class DoRALinear(LoRALinear):
@@ -114,6 +114,31 @@ class DoRALinear(LoRALinear):
         weight.copy_((restored.T if self.fan_in_fan_out else restored).to(weight.dtype))
         self._merged_norm = None
         self.merged = False
+
+
+@torch.no_grad()
+def adapted_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer computes with, (out, in), float32: what merging would store.
+
+    A plain ``nn.Linear``: its weight. A LoRA layer: W0 + s B A. A DoRA layer:
+    m * (W0 + s B A) / ||W0 + s B A||, row by row.
+    """
+    if isinstance(layer, DoRALinear):
+        if layer.merged:
+            return adapted_weight(layer.base_layer)
+        return (layer.magnitude / layer.weight_norm())[:, None] * (
+            layer.base_weight() + (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling).float()
+    if isinstance(layer, LoRALinear):
+        if layer.merged:
+            return adapted_weight(layer.base_layer)
+        delta = layer.delta_weight()
+        delta = delta.T if layer.fan_in_fan_out else delta
+        return (adapted_weight(layer.base_layer) + delta).float()
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach().float()
+    if type(layer).__name__ == "Conv1D":  # GPT-2's, stored (in, out)
+        return layer.weight.detach().T.float()
+    raise TypeError(f"layer must be nn.Linear, a GPT-2 Conv1D, a LoRALinear or a DoRALinear, got {type(layer).__name__}")
 
 
 def weight_decomposition(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:

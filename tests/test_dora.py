@@ -163,3 +163,22 @@ def test_qdora_takes_the_norm_of_the_dequantized_weight():
     torch.testing.assert_close(qdora(x), dora(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="4-bit base"):
         qdora.merge()
+
+
+def test_adapted_weight_is_what_each_layer_computes_with():
+    from lora_edu.dora import adapted_weight
+    from lora_edu.lora import LoRALinear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    for conv1d in (False, True):
+        base = transformers.pytorch_utils.Conv1D(5, 6) if conv1d else nn.Linear(6, 5)
+        for layer in (copy.deepcopy(base),
+                      LoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d),
+                      trained(DoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d))):
+            if isinstance(layer, LoRALinear) and not isinstance(layer, DoRALinear):
+                with torch.no_grad():
+                    layer.lora_B.weight.normal_()
+            torch.testing.assert_close(x @ adapted_weight(layer).T + base.bias, layer(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="layer must be"):
+        adapted_weight(nn.ReLU())

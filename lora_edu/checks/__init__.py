@@ -10,6 +10,7 @@ the checker's own lines, and with them the answer.
 """
 
 from lora_edu.checks._core import CheckFailed
+from lora_edu.checks.dora import check_dora_forward, check_dora_parameters, check_weight_decomposition
 from lora_edu.checks.lora_from_scratch import (
     check_count_lora_parameters,
     check_inject_lora,
@@ -77,6 +78,8 @@ __all__ = [
     "check_blocksize_experiment",
     "check_count_lora_parameters",
     "check_cross_entropy",
+    "check_dora_forward",
+    "check_dora_parameters",
     "check_fine_tuning_bytes",
     "check_inject_lora",
     "check_lloyd_max_levels",
@@ -98,4 +101,5 @@ __all__ = [
     "check_smallest_rank",
     "check_toy_best_pair",
     "check_training_step",
+    "check_weight_decomposition",
 ]

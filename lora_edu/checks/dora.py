@@ -1,0 +1,121 @@
+"""Checkers for chapter 6's exercises: the DoRA forward pass, ΔM and ΔD, DoRA's parameter count."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.dora import weight_decomposition
+
+__all__ = ["check_dora_forward", "check_dora_parameters", "check_weight_decomposition"]
+
+
+def _dora_cases():
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for x_shape, (out_f, in_f), alpha, r in [((4, 6), (5, 6), 8.0, 2), ((2, 3, 7), (3, 7), 3.0, 2)]:
+        W0 = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+        b0 = torch.randn(out_f, generator=g, dtype=torch.float64)
+        A = torch.randn(r, in_f, generator=g, dtype=torch.float64)
+        B = torch.randn(out_f, r, generator=g, dtype=torch.float64)
+        m = torch.linalg.norm(W0, dim=1) * (1 + 0.5 * torch.rand(out_f, generator=g, dtype=torch.float64))
+        x = torch.randn(*x_shape[:-1], in_f, generator=g, dtype=torch.float64)
+        cases.append((x, W0, b0, A, B, m, alpha, r))
+    return cases
+
+
+def check_dora_forward(dora_forward: Callable) -> None:
+    """Exercise 6.1: ``dora_forward(x, W0, b0, A, B, m, alpha, r)``, DoRA's output without dropout."""
+    for x, W0, b0, A, B, m, alpha, r in _dora_cases():
+        got = call_learner(dora_forward, x.clone(), W0.clone(), b0.clone(), A.clone(), B.clone(), m.clone(), alpha, r)
+        got = expect_tensor(got, "dora_forward")
+        V = W0 + (alpha / r) * B @ A
+        want = x @ (m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)).T + b0
+        setting = f"x of shape {tuple(x.shape)}, W0 {tuple(W0.shape)}, alpha={alpha:g}, r={r}"
+        if got.shape != want.shape:
+            raise CheckFailed(f"For {setting}, the output should have shape {tuple(want.shape)} but yours has "
+                              f"{tuple(got.shape)}.")
+        got = got.double()
+        if torch.allclose(got, want, atol=1e-8):
+            continue
+        unit_rows = V / torch.linalg.norm(V, dim=1, keepdim=True)
+        wrong = [
+            (x @ (m[:, None] * V / torch.linalg.norm(V, dim=0, keepdim=True)).T + b0,
+             "the norm is taken over the wrong axis: DoRA takes one norm per output row of the (out, in) "
+             "weight, over its inputs"),
+            (x @ unit_rows.T + b0, "the magnitude m is missing: the direction has unit rows, and m gives each "
+                                   "its length back"),
+            (x @ V.T + b0, "that is LoRA: divide each row of W0 + (alpha / r) B A by its norm and multiply by m"),
+            (m * (x @ V.T) / torch.linalg.norm(x @ V.T, dim=-1, keepdim=True) + b0,
+             "you normalised the output (the activations); DoRA normalises the weight, row by row, before it "
+             "meets x"),
+            (x @ (m[:, None] * (W0 + B @ A) / torch.linalg.norm(W0 + B @ A, dim=1, keepdim=True)).T + b0,
+             "the LoRA update is not scaled: V = W0 + (alpha / r) B A"),
+            (x @ (m[:, None] * unit_rows).T, "the bias is missing: it is added unchanged after the rescaled weight"),
+            (m * (x @ unit_rows.T + b0), "the bias must not be scaled by m: only the weight's rows are"),
+        ]
+        hint = next((h for variant, h in wrong if torch.allclose(got, variant, atol=1e-8)), None)
+        raise CheckFailed(f"For {setting}, your output is off by up to "
+                          f"{(got - want).abs().max().item():.3g}: "
+                          f"{hint or 'rescale each output row of V = W0 + (alpha / r) B A to length m'}.")
+    passed("Correct: your DoRA layer rescales each row of W0 + (alpha / r) B A to its magnitude m.")
+
+
+def check_weight_decomposition(decompose: Callable) -> None:
+    """Exercise 6.2: ``delta_m, delta_d = decompose(W0, W)``, the DoRA paper's ΔM and ΔD."""
+    g = torch.Generator().manual_seed(1)
+    for shape in [(6, 4), (3, 8)]:
+        W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
+        W = W0 * (1 + 0.3 * torch.randn(shape[0], 1, generator=g, dtype=torch.float64)) \
+            + 0.2 * torch.randn(*shape, generator=g, dtype=torch.float64)
+        got = call_learner(decompose, W0.clone(), W.clone())
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise CheckFailed(f"decompose should return a pair (delta_m, delta_d), got {type(got).__name__}.")
+        delta_m, delta_d = (float(v) for v in got)
+        want_m, want_d = weight_decomposition(W0, W)
+        if abs(delta_m - want_m) < 1e-6 and abs(delta_d - want_d) < 1e-6:
+            continue
+        row_change = torch.linalg.norm(W, dim=1) - torch.linalg.norm(W0, dim=1)
+        if abs(delta_m - row_change.mean().item()) < 1e-6 and abs(delta_m - want_m) > 1e-6:
+            hint = "ΔM is the mean of the absolute changes of the row norms; a signed mean lets them cancel"
+        elif abs(delta_m - (torch.linalg.norm(W, dim=0) - torch.linalg.norm(W0, dim=0)).abs().mean().item()) < 1e-6:
+            hint = "take the norms per output row (dim=1 of an (out, in) weight), not per column"
+        elif abs(delta_d - (1 - torch.nn.functional.cosine_similarity(W, W0, dim=0)).mean().item()) < 1e-6:
+            hint = "compare each output row of W with the same row of W0 (cosine over dim=1), not the columns"
+        elif abs(delta_d - torch.nn.functional.cosine_similarity(W, W0, dim=1).mean().item()) < 1e-6:
+            hint = "ΔD is 1 minus the cosine similarity, so that unchanged directions give 0"
+        elif abs(delta_m - want_m) > 1e-6:
+            hint = "ΔM: the mean over rows of | ||W row|| - ||W0 row|| |"
+        else:
+            hint = "ΔD: the mean over rows of 1 - cos(W row, W0 row)"
+        raise CheckFailed(f"For a {shape[0]} x {shape[1]} weight you give ΔM={delta_m:.4f}, ΔD={delta_d:.4f}; "
+                          f"expected ΔM={want_m:.4f}, ΔD={want_d:.4f}: {hint}.")
+    passed("Correct: ΔM measures how far the rows' lengths moved, ΔD how far their directions turned.")
+
+
+def check_dora_parameters(extra: Callable, smallest_lora_rank: int) -> None:
+    """Exercise 6.3: ``extra(in_features, out_features, r)`` and the LoRA rank that matches DoRA r=8."""
+    for in_f, out_f, r in [(128, 384, 8), (128, 128, 4), (512, 128, 16)]:
+        got = call_learner(extra, in_f, out_f, r)
+        want = r * (in_f + out_f) + out_f
+        if got == want:
+            continue
+        if got == out_f:
+            hint = "that is only the magnitude; count A and B too"
+        elif got == r * (in_f + out_f):
+            hint = "that is plain LoRA; DoRA adds one magnitude per output row"
+        elif got == r * (in_f + out_f) + in_f:
+            hint = "the magnitude has one entry per output row (out_features), not per input"
+        else:
+            hint = "A is r x in, B is out x r, and the magnitude has out entries"
+        raise CheckFailed(f"For in={in_f}, out={out_f}, r={r} you count {got} trainable parameters: {hint}.")
+    # The tiny GPT-2's block matrices, 4 of each kind: c_attn 128->384, c_proj 128->128, c_fc 128->512, c_proj 512->128.
+    shapes = [(128, 384), (128, 128), (128, 512), (512, 128)]
+    dora8 = sum(8 * (i + o) + o for i, o in shapes)
+    want = next(r for r in range(8, 64) if sum(r * (i + o) for i, o in shapes) >= dora8)
+    if not isinstance(smallest_lora_rank, int) or smallest_lora_rank != want:
+        raise CheckFailed(f"DoRA r=8 trains {4 * dora8:,} parameters in the tiny GPT-2's blocks; the smallest LoRA rank "
+                          f"with at least as many is not {smallest_lora_rank!r}: compare the totals rank by rank.")
+    passed(f"Correct: DoRA adds one parameter per output row; LoRA needs r={want} to train as many as DoRA r=8.")
