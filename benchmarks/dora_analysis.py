@@ -11,7 +11,9 @@
 
 Every run is Chapter 2's Milton fine-tune (lora_edu.train.MILTON_FINE_TUNE) on all four
 kinds of block matrices; LoRA and DoRA at Chapter 2's learning rate 3e-3 and alpha 16,
-full fine-tuning at 3e-4. About 6 minutes on 2 CPU cores. Chapter 6 plots the results.
+full fine-tuning at 3e-4. About 6 minutes on 2 CPU cores; it writes its record after every
+run and skips the runs already there, so an interrupted run resumes. Chapter 6 (in the
+making, branch chapter6-wip) plots the results.
 
     python benchmarks/dora_analysis.py   # writes lora_edu/results/dora_analysis.json
 """
@@ -92,19 +94,9 @@ def correlation(points: list[dict]) -> float:
     return statistics.correlation([p["delta_d"] for p in points], [p["delta_m"] for p in points])
 
 
-def main() -> int:
-    start = time.time()
-    runs = []
-    for method in METHODS:
-        for seed in (SEEDS[:1] if method == "full" else SEEDS):
-            runs.append(run(method, seed, snapshots=seed == 0 and method != "lora_r9"))
-            r = runs[-1]
-            print(f"{method:8s} seed {seed}: loss {r['milton_val_loss']:.4f}, {r['trainable_parameters']:,} trained",
-                  flush=True)
+def record_of(runs: list[dict], start: float) -> dict:
     correlations = {r["method"]: correlation(r["points"]) for r in runs if r["points"]}
-    for method, rho in correlations.items():
-        print(f"{method:8s} correlation of ΔD and ΔM: {rho:+.2f}")
-    record = {
+    return {
         "benchmark": "dora_analysis",
         "command": "python benchmarks/dora_analysis.py",
         "config": {**asdict(MILTON_FINE_TUNE), "lora_lr": LORA_LR, "full_lr": FULL_LR, "alpha": ALPHA,
@@ -119,7 +111,24 @@ def main() -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "wall_seconds": round(time.time() - start),
     }
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def main() -> int:
+    """Resumable: the record is written after every run, and runs already in it are kept."""
+    start = time.time()
+    runs = json.loads(OUT.read_text())["results"] if OUT.is_file() else []
+    done = {(r["method"], r["seed"]) for r in runs}
+    for method in METHODS:
+        for seed in (SEEDS[:1] if method == "full" else SEEDS):
+            if (method, seed) in done:
+                continue
+            runs.append(run(method, seed, snapshots=seed == 0 and method != "lora_r9"))
+            r = runs[-1]
+            print(f"{method:8s} seed {seed}: loss {r['milton_val_loss']:.4f}, {r['trainable_parameters']:,} trained",
+                  flush=True)
+            OUT.write_text(json.dumps(record_of(runs, start), indent=1) + "\n")
+    for method, rho in record_of(runs, start)["correlations"].items():
+        print(f"{method:8s} correlation of ΔD and ΔM: {rho:+.2f}")
     print(f"wrote {OUT}", file=sys.stderr)
     return 0
 
