@@ -70,12 +70,20 @@ class DoRALinear(LoRALinear):
         update = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return torch.linalg.norm(self.base_weight() + update, dim=1)
 
+    def rescaled_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W' = (m / n) * (W0 + s B A) as (out, in), and n, the row norms it divided by."""
+        weight = self.base_weight() + (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        norm = torch.linalg.norm(weight, dim=1)
+        return (self.magnitude / norm)[:, None] * weight, norm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged:
             return out
         x = x.to(self.lora_A.weight.dtype)
-        factor = self.magnitude / self.weight_norm().detach()  # the norm is a constant (Section 4.3)
+        with torch.no_grad():  # the norm is a constant (Section 4.3): no graph, nothing kept for backward
+            norm = self.weight_norm()
+        factor = self.magnitude / norm
         dropped = self.lora_dropout(x)
         lora = self.lora_B(self.lora_A(dropped)) * self.scaling
         if dropped is x or not self.training:  # no dropout: W0 x is the base output less its bias
@@ -92,9 +100,7 @@ class DoRALinear(LoRALinear):
             raise RuntimeError("this DoRA layer is already merged; merging twice would rescale twice")
         if is_quantized(self.base_layer):
             raise TypeError("this DoRA layer has a 4-bit base; merge into a dequantized copy instead")
-        norm = self.weight_norm()
-        factor = (self.magnitude / norm)[:, None]  # (out, 1)
-        merged = factor * (self.base_weight() + (self.lora_B.weight @ self.lora_A.weight) * self.scaling)
+        merged, norm = self.rescaled_weight()
         if not torch.isfinite(merged).all():
             raise ValueError("merging would make the base weight non-finite (inf or nan); the adapter is broken")
         weight = self.base_layer.weight
@@ -126,8 +132,7 @@ def adapted_weight(layer: nn.Module) -> torch.Tensor:
     if isinstance(layer, DoRALinear):
         if layer.merged:
             return adapted_weight(layer.base_layer)
-        return (layer.magnitude / layer.weight_norm())[:, None] * (
-            layer.base_weight() + (layer.lora_B.weight @ layer.lora_A.weight) * layer.scaling).float()
+        return layer.rescaled_weight()[0].float()
     if isinstance(layer, LoRALinear):
         if layer.merged:
             return adapted_weight(layer.base_layer)

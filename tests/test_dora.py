@@ -182,3 +182,19 @@ def test_adapted_weight_is_what_each_layer_computes_with():
             torch.testing.assert_close(x @ adapted_weight(layer).T + base.bias, layer(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="layer must be"):
         adapted_weight(nn.ReLU())
+
+
+def test_the_norm_keeps_nothing_for_backward():
+    """Detached, the norm of W0 + s B A costs no memory in the backward pass: DoRA keeps two
+    activations more than LoRA (the base and LoRA outputs it rescales), never a dense (out, in) matrix."""
+    from lora_edu.lora import LoRALinear
+    from lora_edu.qlora import saved_activation_bytes
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(96, 48)
+    x = torch.randn(2, 3, 96)
+    lora = saved_activation_bytes(LoRALinear(copy.deepcopy(base), r=4, alpha=8), x)
+    dora = saved_activation_bytes(DoRALinear(copy.deepcopy(base), r=4, alpha=8), x)
+    activation, dense = 2 * 3 * 48 * 4, 48 * 96 * 4
+    assert lora < dora <= lora + 2 * activation + 2 * 48 * 4  # plus the factor m / n, (out,)
+    assert dora - lora < dense
