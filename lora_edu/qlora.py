@@ -19,6 +19,8 @@ measures what autograd keeps for the backward pass, on any device.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -456,26 +458,39 @@ def llama_skeleton(size: str, vocab_size: int = 32_000) -> nn.Module:
     return skeleton
 
 
+class _SavedToken:
+    """What the autograd graph holds in place of a tensor while saved_activation_bytes measures."""
+
+    __slots__ = ("__weakref__",)
+
+
 def saved_activation_bytes(model: nn.Module, *inputs, **kwargs) -> int:
     """Bytes autograd keeps for the backward pass of ``model(*inputs, **kwargs)``, weights excluded.
 
     Measured, not estimated: every tensor saved for backward passes through a
-    ``saved_tensors_hooks`` pair, and each distinct storage is counted once. Parameters
-    and buffers (the weights) are left out, since they are in memory anyway. Runs the
-    forward pass in training mode (so checkpointing is on if enabled) and discards it.
-    Pass the targets too (``saved_activation_bytes(model, x, y)``, or ``labels=`` for a
-    Hugging Face model): the loss keeps the log-probabilities, often the largest tensor.
+    ``saved_tensors_hooks`` pair, and each distinct storage that the graph still holds
+    when the forward pass ends is counted once. Tensors saved by a graph that was dropped
+    on the way (a norm computed with gradients, then detached) are not counted: they
+    were freed. Parameters and buffers (the weights) are left out, since they are in
+    memory anyway. Runs the forward pass in training mode (so checkpointing is on if
+    enabled) and discards it. Pass the targets too (``saved_activation_bytes(model, x, y)``,
+    or ``labels=`` for a Hugging Face model): the loss keeps the log-probabilities, often
+    the largest tensor.
     """
     weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    saved: dict[int, torch.UntypedStorage] = {}  # held here, so no address is reused while we count
+    storages: dict[int, torch.UntypedStorage] = {}  # held here, so no address is reused while we count
+    held: list[tuple[weakref.ref, int]] = []  # (the graph's token, its storage): alive while the graph is
 
-    def pack(t: torch.Tensor) -> None:
+    def pack(t: torch.Tensor) -> _SavedToken:
+        # Give the graph a token, never t itself: returning t would tie an output to its own
+        # grad_fn, a reference cycle through C++ that Python's garbage collector cannot break
+        # (the model's parameters would leak). The graph is discarded unused, never unpacked.
+        token = _SavedToken()
         storage = t.untyped_storage()
         if storage._cdata not in weights:
-            saved[storage._cdata] = storage
-        # Give the graph nothing: returning t would tie an output to its own grad_fn, a
-        # reference cycle through C++ that Python's garbage collector cannot break (the
-        # model's parameters would leak). The graph is discarded unused, never unpacked.
+            storages[storage._cdata] = storage
+            held.append((weakref.ref(token), storage._cdata))
+        return token
 
     def unpack(_) -> torch.Tensor:
         raise RuntimeError("saved_activation_bytes measures a forward pass; its graph cannot run backward")
@@ -485,5 +500,6 @@ def saved_activation_bytes(model: nn.Module, *inputs, **kwargs) -> int:
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = model(*inputs, **kwargs)
     model.train(was_training)
+    alive = {key for token, key in held if token() is not None}
     del out
-    return sum(storage.nbytes() for storage in saved.values())
+    return sum(storages[key].nbytes() for key in alive)

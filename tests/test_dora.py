@@ -186,7 +186,8 @@ def test_adapted_weight_is_what_each_layer_computes_with():
 
 def test_the_norm_keeps_nothing_for_backward():
     """Detached, the norm of W0 + s B A costs no memory in the backward pass: DoRA keeps two
-    activations more than LoRA (the base and LoRA outputs it rescales), never a dense (out, in) matrix."""
+    activations more than LoRA (the base and LoRA outputs it rescales), never a dense (out, in)
+    matrix, which a norm that gradients pass through would keep."""
     from lora_edu.lora import LoRALinear
     from lora_edu.qlora import saved_activation_bytes
 

@@ -469,6 +469,19 @@ def test_saved_activation_bytes_keeps_nothing_alive(base, batch):
     assert not [p for p in parameters if p() is not None]
 
 
+class _DetachedSum(nn.Module):
+    """sin(x) * sum(exp(x)), the sum a constant: exp's output is saved by a graph dropped at once."""
+
+    def forward(self, x):
+        return torch.sin(x) * torch.exp(x).sum().detach()
+
+
+def test_saved_activation_bytes_counts_what_the_graph_still_holds():
+    x = torch.randn(64, 32, requires_grad=True)
+    # sin keeps x, the product keeps n (one float); exp(x)'s saved output was freed with its graph
+    assert saved_activation_bytes(_DetachedSum(), x) == x.numel() * 4 + 4
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_saves_activations_and_changes_no_gradient(base, batch, use_reentrant):
     plain, checkpointed = copy.deepcopy(base), copy.deepcopy(base)
