@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIRS = ("book", "solutions")
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN SOLUTION(?::\s*(?P<hint>.*))?$")
 END = re.compile(r"^\s*# END SOLUTION\s*$")
+CONTINUED = re.compile(r"^\s*#\s{3,}(?P<more>\S.*)$")  # a hint's next line, indented past the '#'
+
 BADGE_TAG, SETUP_TAG, SOLUTION_ONLY_TAG = "colab-badge", "colab-setup", "solution-only"
 EXERCISES_LINK_TAG = "exercises-link"
 
@@ -75,18 +78,39 @@ def setup_source(url: str, branch: str) -> str:
     )
 
 
+def raise_stub(indent: str, hint: str, width: int = 79) -> list[str]:
+    """``raise NotImplementedError(<hint>)`` in lines of at most ``width`` columns (the book's)."""
+    line = f"{indent}raise NotImplementedError({hint!r})"
+    if len(line) <= width:
+        return [line]
+    inner = indent + " " * 4
+    pieces = textwrap.wrap(hint, width - len(inner) - 3, break_long_words=False)  # 3: quotes and a space
+    pieces = [piece + " " for piece in pieces[:-1]] + pieces[-1:]
+    return [f"{indent}raise NotImplementedError(", *(f"{inner}{piece!r}" for piece in pieces), f"{indent})"]
+
+
 def stub_solutions(source: str) -> str:
-    """Replace each fenced solution in a code cell's source with a NotImplementedError stub."""
-    out, inside = [], False
+    """Replace each fenced solution in a code cell's source with a NotImplementedError stub.
+
+    A hint too long for one line goes on, right after the BEGIN line, in comment lines
+    indented past the ``#`` (``#   more of the hint``).
+    """
+    out, inside, hint, indent = [], False, None, ""
     for number, line in enumerate(source.splitlines(), start=1):
+        if hint is not None:  # just after BEGIN: the hint may go on
+            more = CONTINUED.match(line)
+            if more:
+                hint += " " + more.group("more").strip()
+                continue
+            out.extend(raise_stub(indent, hint))
+            hint = None
         begin = BEGIN.match(line)
         if begin:
             if inside:
                 raise ValueError(f"line {number}: BEGIN SOLUTION inside another solution")
-            hint = (begin.group("hint") or "").strip()
+            hint, indent = (begin.group("hint") or "").strip(), begin.group("indent")
             if not hint:
                 raise ValueError(f"line {number}: '# BEGIN SOLUTION' needs a hint: '# BEGIN SOLUTION: <hint>'")
-            out.append(f"{begin.group('indent')}raise NotImplementedError({hint!r})")
             inside = True
         elif END.match(line):
             if not inside:
@@ -94,6 +118,8 @@ def stub_solutions(source: str) -> str:
             inside = False
         elif not inside:
             out.append(line)
+    if hint is not None:
+        out.extend(raise_stub(indent, hint))
     if inside:
         raise ValueError("a BEGIN SOLUTION is never closed by END SOLUTION")
     return "\n".join(out)

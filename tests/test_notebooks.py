@@ -81,6 +81,30 @@ def test_stub_solutions_replaces_each_fence_with_its_hint():
     )
 
 
+def test_a_long_hint_is_raised_in_lines_that_fit_the_column():
+    hint = "a hint long enough that one raise line would not fit in the book's seventy-nine columns of code"
+    source = f"def f(x):\n        # BEGIN SOLUTION: {hint}\n        return x\n        # END SOLUTION"
+    stub = stub_solutions(source)
+    assert max(len(line) for line in stub.splitlines()) <= 79
+    namespace = {}
+    exec(stub, namespace)
+    with pytest.raises(NotImplementedError) as raised:
+        namespace["f"](1)
+    assert str(raised.value) == hint
+
+
+def test_a_hint_may_go_on_in_indented_comment_lines():
+    source = (
+        "def f(x):\n"
+        "    # BEGIN SOLUTION: the first half of a hint,\n"
+        "    #   and its second half\n"
+        "    # a comment of the solution itself\n"
+        "    return x\n"
+        "    # END SOLUTION"
+    )
+    assert stub_solutions(source) == "def f(x):\n    raise NotImplementedError('the first half of a hint, and its second half')"
+
+
 @pytest.mark.parametrize("source, message", [
     ("# BEGIN SOLUTION\nx = 1\n# END SOLUTION", "needs a hint"),
     ("# BEGIN SOLUTION: h\nx = 1", "never closed"),
