@@ -5,7 +5,15 @@ import torch
 import torch.nn.functional as F
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.dora import check_dora_forward, check_dora_parameters, check_weight_decomposition
+from lora_edu.checks.dora import (
+    check_dora_forward,
+    check_dora_merge_conv1d,
+    check_dora_parameters,
+    check_magnitude_only,
+    check_weight_decomposition,
+)
+from lora_edu.gpt2 import load_tiny
+from lora_edu.lora import add_lora
 
 
 def stub(*args):
@@ -16,12 +24,17 @@ def stub(*args):
 
 def right_forward(x, W0, b0, A, B, m, alpha, r):
     V = W0 + (alpha / r) * B @ A
-    return x @ (m[:, None] * V / V.norm(dim=1, keepdim=True)).T + b0
+    return x @ (m[:, None] * V / V.norm(dim=1, keepdim=True).detach()).T + b0
 
 
 def linear_forward(x, W0, b0, A, B, m, alpha, r):  # also right: scale the output columns
     V = W0 + alpha / r * (B @ A)
-    return F.linear(x, V) * (m / torch.linalg.norm(V, dim=1)) + b0
+    return F.linear(x, V) * (m / torch.linalg.norm(V, dim=1).detach()) + b0
+
+
+def undetached_forward(x, W0, b0, A, B, m, alpha, r):  # the right values, the norm differentiated
+    V = W0 + (alpha / r) * B @ A
+    return x @ (m[:, None] * V / V.norm(dim=1, keepdim=True)).T + b0
 
 
 def unit(V, dim=1):
@@ -39,6 +52,10 @@ WRONG_FORWARDS = {
     "no bias": (lambda x, W0, b0, A, B, m, alpha, r: x @ (m[:, None] * unit(W0 + alpha / r * B @ A)).T, "bias is missing"),
     "scaled bias": (lambda x, W0, b0, A, B, m, alpha, r: m * (x @ unit(W0 + alpha / r * B @ A).T + b0), "bias must not be scaled"),
     "wrong shape": (lambda x, W0, b0, A, B, m, alpha, r: right_forward(x, W0, b0, A, B, m, alpha, r).sum(-1), "should have shape"),
+    "norm not detached": (undetached_forward, "through the norm too"),
+    "no autograd": (lambda *args: right_forward(*args).detach(), "through autograd"),
+    "m not trained": (lambda x, W0, b0, A, B, m, alpha, r: right_forward(x, W0, b0, A, B, m.detach(), alpha, r),
+                      "gradients with respect to B or m are not DoRA's"),
 }
 
 
@@ -60,7 +77,52 @@ def test_dora_forward_stub():
         check_dora_forward(stub)
 
 
-# --- Exercise 6.2: ΔM and ΔD ---
+# --- Exercise 6.2: merging into a Conv1D weight (in, out) ---
+
+def right_merge(weight, A, B, m, alpha, r):
+    V = weight.T + (alpha / r) * B @ A
+    return (m[:, None] * V / V.norm(dim=1, keepdim=True)).T
+
+
+def right_merge_in_place(weight, A, B, m, alpha, r):  # also right: stay in (in, out), columns are outputs
+    V = weight + (alpha / r) * (B @ A).T
+    return V * (m / V.norm(dim=0))
+
+
+def linear_style_merge(weight, A, B, m, alpha, r):  # nn.Linear's code on Conv1D's weight
+    V = weight + (alpha / r) * (B @ A).T
+    return m[:, None] * V / V.norm(dim=1, keepdim=True)
+
+
+WRONG_MERGES = {
+    "returned (out, in)": (lambda *args: right_merge(*args).T, "transpose back"),
+    "norm per input": (linear_style_merge, "wrong axis"),
+    "norm per input, m on columns": (lambda weight, A, B, m, alpha, r: m * (weight + (alpha / r) * (B @ A).T)
+                                     / (weight + (alpha / r) * (B @ A).T).norm(dim=1, keepdim=True), "wrong axis"),
+    "B A not transposed": (lambda weight, A, B, m, alpha, r: (m[:, None] * (weight + (alpha / r) * B @ A)
+                                                             / (weight + (alpha / r) * B @ A).norm(dim=1, keepdim=True)).T,
+                           "transpose it"),
+    "no magnitude": (lambda weight, A, B, m, alpha, r: right_merge(weight, A, B, torch.ones_like(m), alpha, r),
+                     "magnitude m is missing"),
+    "merges LoRA": (lambda weight, A, B, m, alpha, r: weight + (alpha / r) * (B @ A).T, "merges LoRA"),
+    "wrong shape": (lambda *args: right_merge(*args)[:2], "shape"),
+}
+
+
+@pytest.mark.parametrize("right", [right_merge, right_merge_in_place])
+def test_dora_merge_conv1d_accepts(right, capsys):
+    check_dora_merge_conv1d(right)
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+@pytest.mark.parametrize("name", WRONG_MERGES)
+def test_dora_merge_conv1d_rejects(name):
+    fn, message = WRONG_MERGES[name]
+    with pytest.raises(CheckFailed, match=message):
+        check_dora_merge_conv1d(fn)
+
+
+# --- Exercise 6.3: ΔM and ΔD ---
 
 def right_decompose(W0, W):
     delta_m = (W.norm(dim=1) - W0.norm(dim=1)).abs().mean()
@@ -93,7 +155,7 @@ def test_weight_decomposition_rejects(name):
         check_weight_decomposition(fn)
 
 
-# --- Exercise 6.3: DoRA's parameters ---
+# --- Exercise 6.4: DoRA's parameters ---
 
 def right_extra(in_features, out_features, r):
     return r * (in_features + out_features) + out_features
@@ -114,3 +176,65 @@ def test_dora_parameters_accepts(capsys):
 def test_dora_parameters_rejects(fn, rank, message):
     with pytest.raises(CheckFailed, match=message):
         check_dora_parameters(fn, rank)
+
+
+# --- Exercise 6.5 (open): the magnitudes alone ---
+
+def magnitude_only_model():
+    model = add_lora(load_tiny(), "all-linear", r=8, alpha=16, use_dora=True)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(False)
+    return model
+
+
+def scale_magnitudes(model, factor):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("magnitude"):
+                p.mul_(factor)
+    return model
+
+
+def test_magnitude_only_accepts_a_trained_model(capsys):
+    from dataclasses import replace
+
+    from lora_edu.data import load_split
+    from lora_edu.train import MILTON_FINE_TUNE, seed_everything, train
+
+    seed_everything(0)
+    model = magnitude_only_model()
+    config = replace(MILTON_FINE_TUNE, steps=60, warmup_steps=6, lr=3e-2, eval_every=60, eval_batches=1)
+    train(model, load_split("milton", "train"), load_split("milton", "val"), config, progress=False)
+    check_magnitude_only(model)
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+def test_magnitude_only_rejects_an_untrained_model():
+    with pytest.raises(CheckFailed, match="not been trained"):
+        check_magnitude_only(magnitude_only_model())
+
+
+def test_magnitude_only_rejects_a_model_that_learned_too_little():
+    with pytest.raises(CheckFailed, match="Try other learning rates"):
+        check_magnitude_only(scale_magnitudes(magnitude_only_model(), 1.0001))
+
+
+def test_magnitude_only_rejects_moved_b():
+    model = magnitude_only_model()
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.01)
+    with pytest.raises(CheckFailed, match="B has moved"):
+        check_magnitude_only(scale_magnitudes(model, 1.01))
+
+
+def test_magnitude_only_rejects_other_trainable_parameters():
+    model = scale_magnitudes(magnitude_only_model(), 1.01)
+    next(p for n, p in model.named_parameters() if "lora_A" in n).requires_grad_(True)
+    with pytest.raises(CheckFailed, match="only the magnitude vectors"):
+        check_magnitude_only(model)
+
+
+def test_magnitude_only_rejects_plain_lora():
+    with pytest.raises(CheckFailed, match="no DoRA layers"):
+        check_magnitude_only(add_lora(load_tiny(), "all-linear", r=8, alpha=16))

@@ -10,7 +10,13 @@ the checker's own lines, and with them the answer.
 """
 
 from lora_edu.checks._core import CheckFailed
-from lora_edu.checks.dora import check_dora_forward, check_dora_parameters, check_weight_decomposition
+from lora_edu.checks.dora import (
+    check_dora_forward,
+    check_dora_merge_conv1d,
+    check_dora_parameters,
+    check_magnitude_only,
+    check_weight_decomposition,
+)
 from lora_edu.checks.lora_from_scratch import (
     check_count_lora_parameters,
     check_inject_lora,
@@ -79,6 +85,7 @@ __all__ = [
     "check_count_lora_parameters",
     "check_cross_entropy",
     "check_dora_forward",
+    "check_dora_merge_conv1d",
     "check_dora_parameters",
     "check_fine_tuning_bytes",
     "check_inject_lora",
@@ -88,6 +95,7 @@ __all__ = [
     "check_low_rank_factors",
     "check_low_rank_parameters",
     "check_lr_by_parameter",
+    "check_magnitude_only",
     "check_merge_unmerge",
     "check_next_token_probs",
     "check_nf4_values",

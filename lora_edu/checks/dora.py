@@ -1,4 +1,5 @@
-"""Checkers for chapter 6's exercises: the DoRA forward pass, ΔM and ΔD, DoRA's parameter count."""
+"""Checkers for chapter 6's exercises: the DoRA forward pass, merging into a Conv1D, ΔM and ΔD,
+DoRA's parameter count, and the magnitude alone."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import torch
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
 from lora_edu.dora import weight_decomposition
 
-__all__ = ["check_dora_forward", "check_dora_parameters", "check_weight_decomposition"]
+__all__ = [
+    "check_dora_forward",
+    "check_dora_merge_conv1d",
+    "check_dora_parameters",
+    "check_magnitude_only",
+    "check_weight_decomposition",
+]
 
 
 def _dora_cases():
@@ -60,11 +67,91 @@ def check_dora_forward(dora_forward: Callable) -> None:
         raise CheckFailed(f"For {setting}, your output is off by up to "
                           f"{(got - want).abs().max().item():.3g}: "
                           f"{hint or 'rescale each output row of V = W0 + (alpha / r) B A to length m'}.")
-    passed("Correct: your DoRA layer rescales each row of W0 + (alpha / r) B A to its magnitude m.")
+    _check_detached_norm(dora_forward)
+    passed("Correct: your DoRA layer rescales each row of W0 + (alpha / r) B A to its magnitude m, with the "
+           "norm held constant in the backward pass.")
+
+
+def _gradients(forward: Callable, x, W0, b0, A, B, m, alpha, r, upstream) -> tuple:
+    """The gradients of sum(upstream * forward(...)) with respect to B and m."""
+    B, m = B.clone().requires_grad_(), m.clone().requires_grad_()
+    out = call_learner(forward, x.clone(), W0.clone(), b0.clone(), A.clone(), B, m, alpha, r)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        raise CheckFailed("Your output does not depend on B and m through autograd: compute it with torch "
+                          "operations on the tensors you are given (no .item(), .numpy() or torch.no_grad()), "
+                          "so that training can reach them.")
+    (out * upstream).sum().backward()
+    return B.grad, m.grad
+
+
+def _check_detached_norm(dora_forward: Callable) -> None:
+    """DoRA's norm is a constant in the backward pass (the paper's Section 4.3, PEFT, lora_edu)."""
+    x, W0, b0, A, B, m, alpha, r = _dora_cases()[0]
+    upstream = torch.randn(x.shape[0], W0.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def reference(x, W0, b0, A, B, m, alpha, r, detach=True):
+        V = W0 + (alpha / r) * B @ A
+        norm = torch.linalg.norm(V, dim=1, keepdim=True)
+        return x @ (m[:, None] * V / (norm.detach() if detach else norm)).T + b0
+
+    got = _gradients(dora_forward, x, W0, b0, A, B, m, alpha, r, upstream)
+    want = _gradients(reference, x, W0, b0, A, B, m, alpha, r, upstream)
+    if all(g is not None and torch.allclose(g, w, atol=1e-8) for g, w in zip(got, want)):
+        return
+    exact = _gradients(lambda *a: reference(*a, detach=False), x, W0, b0, A, B, m, alpha, r, upstream)
+    if got[0] is not None and torch.allclose(got[0], exact[0], atol=1e-8):
+        raise CheckFailed("Your output is right, but the gradient reaches B through the norm too: DoRA treats "
+                          "||W0 + (alpha / r) B A|| as a constant in the backward pass (.detach() it), as the "
+                          "paper's Section 4.3, PEFT and lora_edu do.")
+    raise CheckFailed("Your output is right, but its gradients with respect to B or m are not DoRA's: let "
+                      "autograd reach B through W0 + (alpha / r) B A, and m directly.")
+
+
+def check_dora_merge_conv1d(merge: Callable) -> None:
+    """Exercise 6.2: ``merge(weight, A, B, m, alpha, r)``, DoRA merged into a GPT-2 Conv1D weight (in, out)."""
+    g = torch.Generator().manual_seed(3)
+    for in_f, out_f, r, alpha in [(5, 5, 2, 4.0), (6, 4, 2, 8.0)]:  # square first: a wrong axis runs there
+        weight = torch.randn(in_f, out_f, generator=g, dtype=torch.float64)  # Conv1D: (in, out)
+        A = torch.randn(r, in_f, generator=g, dtype=torch.float64)
+        B = torch.randn(out_f, r, generator=g, dtype=torch.float64)
+        m = torch.linalg.norm(weight, dim=0) * (1 + 0.5 * torch.rand(out_f, generator=g, dtype=torch.float64))
+        got = expect_tensor(call_learner(merge, weight.clone(), A.clone(), B.clone(), m.clone(), alpha, r), "merge")
+        V = weight.T + (alpha / r) * B @ A  # (out, in), as nn.Linear would hold it
+        want = (m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)).T
+        setting = f"a Conv1D weight of shape ({in_f}, {out_f}) (in, out), r={r}"
+        if got.shape != want.shape:
+            hint = ("you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
+                    if got.shape == want.T.shape else f"the merged weight has the shape of the weight, {tuple(want.shape)}")
+            raise CheckFailed(f"For {setting}, your merged weight has shape {tuple(got.shape)}: {hint}.")
+        got = got.double()
+        if torch.allclose(got, want, atol=1e-8):
+            continue
+        wrong_axis = weight + (alpha / r) * (B @ A).T
+        wrong = [
+            (want.T, "you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"),
+            *[(magnitude * wrong_axis / torch.linalg.norm(wrong_axis, dim=1, keepdim=True) if in_f == out_f else None,
+               "the norm is taken per input, over the wrong axis: Conv1D's weight is (in, out), so one output "
+               "feature is a column there (transpose first, or take the norm over dim=0)")
+              for magnitude in (m[:, None], m[None, :])],
+            ((m[:, None] * (weight + (alpha / r) * B @ A) / torch.linalg.norm(weight + (alpha / r) * B @ A, dim=1,
+                                                                              keepdim=True)).T
+             if in_f == out_f else None,
+             "B A is (out, in): transpose it before adding it to Conv1D's (in, out) weight"),
+            (V.T / torch.linalg.norm(V, dim=1), "the magnitude m is missing: each output feature's weights should "
+                                                "have length m"),
+            (V.T, "that merges LoRA: rescale each output feature's weights to length m"),
+        ]
+        hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, atol=1e-8)),
+                    "each output feature's weights should be (W0 + (alpha / r) B A) for that feature, rescaled to "
+                    "length m")
+        raise CheckFailed(f"For {setting}, your merged weight is off by up to "
+                          f"{(got - want).abs().max().item():.3g}: {hint}.")
+    passed("Correct: one norm per output feature, which is a column of Conv1D's (in, out) weight, and the "
+           "result back in Conv1D's layout.")
 
 
 def check_weight_decomposition(decompose: Callable) -> None:
-    """Exercise 6.2: ``delta_m, delta_d = decompose(W0, W)``, the DoRA paper's ΔM and ΔD."""
+    """Exercise 6.3: ``delta_m, delta_d = decompose(W0, W)``, the DoRA paper's ΔM and ΔD."""
     g = torch.Generator().manual_seed(1)
     for shape in [(6, 4), (3, 8)]:
         W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -96,7 +183,7 @@ def check_weight_decomposition(decompose: Callable) -> None:
 
 
 def check_dora_parameters(extra: Callable, smallest_lora_rank: int) -> None:
-    """Exercise 6.3: ``extra(in_features, out_features, r)`` and the LoRA rank that matches DoRA r=8."""
+    """Exercise 6.4: ``extra(in_features, out_features, r)`` and the LoRA rank that matches DoRA r=8."""
     for in_f, out_f, r in [(128, 384, 8), (128, 128, 4), (512, 128, 16)]:
         got = call_learner(extra, in_f, out_f, r)
         want = r * (in_f + out_f) + out_f
@@ -119,3 +206,45 @@ def check_dora_parameters(extra: Callable, smallest_lora_rank: int) -> None:
         raise CheckFailed(f"DoRA r=8 trains {4 * dora8:,} parameters in the tiny GPT-2's blocks; the smallest LoRA rank "
                           f"with at least as many is not {smallest_lora_rank!r}: compare the totals rank by rank.")
     passed(f"Correct: DoRA adds one parameter per output row; LoRA needs r={want} to train as many as DoRA r=8.")
+
+
+# Exercise 6.5 trains the tiny GPT-2's magnitudes alone; a run that learned something gets at
+# least this far below the pretrained model's held-out loss (nats, Milton, 4 batches).
+MAGNITUDE_ONLY_MIN_GAIN = 0.1
+
+
+def check_magnitude_only(model: torch.nn.Module) -> None:
+    """Exercise 6.5 (open): a tiny GPT-2 with DoRA in which only the magnitudes were trained."""
+    from lora_edu.data import load_split
+    from lora_edu.dora import DoRALinear
+    from lora_edu.gpt2 import load_tiny
+    from lora_edu.train import evaluate
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DoRALinear)}
+    if not layers:
+        raise CheckFailed("The model has no DoRA layers: add them with add_lora(model, ..., use_dora=True).")
+    moved_b = [name for name, layer in layers.items() if layer.lora_B.weight.detach().abs().max() > 0]
+    if moved_b:
+        raise CheckFailed(f"B has moved in {len(moved_b)} of {len(layers)} DoRA layers (e.g. {moved_b[0]}): freeze "
+                          "lora_A and lora_B (requires_grad_(False)) so that only the magnitudes train.")
+    if any(layer.merged for layer in layers.values()):
+        raise CheckFailed("Some DoRA layers are merged: pass the model unmerged.")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    magnitudes = sum(layer.magnitude.numel() for layer in layers.values())
+    if trainable != magnitudes:
+        raise CheckFailed(f"The model has {trainable:,} trainable parameters, but its magnitudes are {magnitudes:,}: "
+                          "only the magnitude vectors should train.")
+    base_norms = [torch.linalg.norm(layer.base_weight(), dim=1) for layer in layers.values()]
+    moved = max((layer.magnitude.detach() - n).abs().max().item() for layer, n in zip(layers.values(), base_norms))
+    if moved == 0:
+        raise CheckFailed("The magnitudes are still ||W0||: the model has not been trained.")
+    device = next(model.parameters()).device
+    val = load_split("milton", "val")
+    loss = evaluate(model, val, block_size=128, max_batches=4)
+    base = evaluate(load_tiny(device), val, block_size=128, max_batches=4)
+    if not loss < base - MAGNITUDE_ONLY_MIN_GAIN:
+        raise CheckFailed(f"Held-out loss {loss:.3f} against the pretrained model's {base:.3f}: the magnitudes alone "
+                          f"can get at least {MAGNITUDE_ONLY_MIN_GAIN} nats lower. Try other learning rates: a "
+                          "vector of lengths is not a LoRA factor, and its best rate need not be LoRA's.")
+    passed(f"Correct: training only the {magnitudes:,} magnitudes lowers the held-out loss from {base:.3f} to "
+           f"{loss:.3f} (4 batches).")
