@@ -1,6 +1,6 @@
 """DoRA on the tiny GPT-2, adapted to Milton: the paper's weight-decomposition analysis, and DoRA against LoRA.
 
-1. The analysis of Liu et al. (2024), Section 2.2 and Figure 2: fine-tune with full
+1. The analysis of Liu et al. (2024), Section 3.2 and Figure 2: fine-tune with full
    fine-tuning, LoRA and DoRA; at several steps, split each query matrix's change into a
    magnitude part ΔM and a direction part ΔD (lora_edu.dora.weight_decomposition), one
    point per layer and step, and correlate the two. The paper (VL-BART, query matrices)
@@ -12,8 +12,8 @@
 Every run is Chapter 2's Milton fine-tune (lora_edu.train.MILTON_FINE_TUNE) on all four
 kinds of block matrices; LoRA and DoRA at Chapter 2's learning rate 3e-3 and alpha 16,
 full fine-tuning at 3e-4. About 6 minutes on 2 CPU cores; it writes its record after every
-run and skips the runs already there, so an interrupted run resumes. Chapter 6 (in the
-making, branch chapter6-wip) plots the results.
+run and skips the runs already there, so an interrupted run resumes. Chapter 6 plots the
+results and re-runs the seed-0 LoRA and DoRA fine-tunes to check them.
 
     python benchmarks/dora_analysis.py   # writes lora_edu/results/dora_analysis.json
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "chapters"]
+STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "chapters"]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +49,8 @@ def test_the_cuda_tests_ran_on_the_cpu_and_none_was_skipped(rehearsal):
 
 def test_every_results_file_says_where_when_and_with_what(rehearsal):
     _, out = rehearsal
-    for name in ("nf4_throughput_cuda.json", "qlora_memory.json", "lora_latency.json", "gpu_check.json"):
+    for name in ("nf4_throughput_cuda.json", "qlora_memory.json", "lora_latency.json", "dora_overhead.json",
+                 "gpu_check.json"):
         record = read(out, name)
         for key in ("benchmark", "command", "device", "versions", "date", "results"):
             assert record.get(key), f"{name} lacks {key!r}"
@@ -99,6 +100,21 @@ def test_latency_rehearsal_times_every_model(rehearsal):
     # Merged LoRA has no parameters of its own; the unmerged one and the adapters do.
     assert all(by[b, "lora_merged"]["trainable_parameters"] == 0 < by[b, "lora_unmerged"]["trainable_parameters"]
                for b, _ in by)
+
+
+def test_dora_rehearsal_measures_both_methods_both_ways(rehearsal):
+    _, out = rehearsal
+    record = read(out, "dora_overhead.json")
+    rows = {(r["part"], r["method"]): r for r in record["results"]}
+    assert set(rows) == {("training", m) for m in ("lora_lora_edu", "dora_lora_edu", "lora_peft", "dora_peft")} | {
+        ("inference", m) for m in ("base", "dora_unmerged", "dora_merged")}
+    assert all(r["median_seconds"] > 0 for r in rows.values())
+    train = {m: r for (part, m), r in rows.items() if part == "training"}
+    # The same adapters in both implementations; DoRA adds one magnitude per output feature.
+    assert train["lora_lora_edu"]["trainable_parameters"] == train["lora_peft"]["trainable_parameters"]
+    assert train["dora_lora_edu"]["trainable_parameters"] == train["dora_peft"]["trainable_parameters"]
+    assert train["dora_lora_edu"]["trainable_parameters"] > train["lora_lora_edu"]["trainable_parameters"]
+    assert all(r["saved_activation_bytes"] > 0 for r in train.values())
 
 
 def test_the_chapters_step_parses_every_notebook(rehearsal):
