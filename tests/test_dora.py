@@ -199,3 +199,33 @@ def test_the_norm_keeps_nothing_for_backward():
     activation, dense = 2 * 3 * 48 * 4, 48 * 96 * 4
     assert lora < dora <= lora + 2 * activation + 2 * 48 * 4  # plus the factor m / n, (out,)
     assert dora - lora < dense
+
+
+def test_a_peft_dora_adapter_whose_magnitude_does_not_fit_is_refused_and_changes_nothing(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
+
+    hf = small_hf_gpt2()
+    save_adapter(add_lora(copy.deepcopy(hf), ["c_attn"], r=4, alpha=8, use_dora=True), tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(path))
+    key = "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"
+    state[key] = state[key][:-1]  # one output feature short
+    save_file(state, str(path))
+    model = copy.deepcopy(hf)
+    with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.magnitude: adapter has shape"):
+        load_adapter(model, tmp_path)
+    assert not lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_dora_on_a_layer_it_cannot_wrap_is_refused_and_changes_nothing():
+    from lora_edu.gpt2 import load_tiny
+    from lora_edu.lora import add_lora, lora_layers
+
+    model = load_tiny()
+    with pytest.raises(TypeError, match=r"not: transformer\.wte \(Embedding\)"):
+        add_lora(model, ["transformer.wte", "c_attn"], r=4, alpha=8, use_dora=True)
+    assert not lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
