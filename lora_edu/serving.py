@@ -1,0 +1,321 @@
+"""Serving many LoRA adapters from one base model, a different adapter for each row of a batch.
+
+A merged adapter serves one task; a batch that mixes tasks needs each row's own low-rank
+update on top of one shared base. The adapters live in a *pool*: for every adapted layer,
+``A`` of shape (n_adapters, r_max, in), ``B`` of shape (n_adapters, out, r_max) and a
+``scaling`` per adapter, adapters of lower rank zero-padded to ``r_max`` (as vLLM's
+``max_lora_rank``). Each row of the batch names its adapter by index, and ``-1`` means
+none: the row gets the base model alone.
+
+- :func:`lora_loop`: the reference, one row at a time.
+- :func:`bgmv`: Punica's batched gather matrix-vector product: every row gathers its own
+  ``A`` and ``B`` from the pool, and two batched products do the rest.
+- :func:`sgmv`: Punica's segmented version: rows sorted by adapter, one pair of matrix
+  products per contiguous segment (per distinct adapter), not per row.
+
+:class:`MultiAdapterModel` puts a pool in every layer that some adapter targets, on one
+copy of the base model (ours or Hugging Face's GPT-2), and runs ``model(idx,
+adapter_names=[...])`` with one name (or ``None``) per row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from lora_edu.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    _check_targets,
+    _is_linear,
+    _our_key,
+    _select,
+    _unsupported_options,
+    lora_layers,
+)
+
+__all__ = ["MultiAdapterModel", "MultiLoRALinear", "bgmv", "lora_loop", "segments", "sgmv"]
+
+
+def _check_pool(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+                scaling: torch.Tensor) -> None:
+    for name, t in (("x", x), ("A", A), ("B", B), ("scaling", scaling)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}"
+                            + (f" of {t.dtype}" if isinstance(t, torch.Tensor) else ""))
+    if A.dim() != 3 or B.dim() != 3:
+        raise ValueError(f"A must be (n_adapters, r_max, in) and B (n_adapters, out, r_max), got A "
+                         f"{tuple(A.shape)} and B {tuple(B.shape)}")
+    n, r_max, in_features = A.shape
+    if B.shape[0] != n or B.shape[2] != r_max:
+        raise ValueError(f"B must be (n_adapters, out, r_max) = ({n}, out, {r_max}) to match A {tuple(A.shape)}, "
+                         f"got {tuple(B.shape)}")
+    if scaling.shape != (n,):
+        raise ValueError(f"scaling must have one entry per adapter, shape ({n},), got {tuple(scaling.shape)}")
+    if x.dim() not in (2, 3) or x.shape[-1] != in_features:
+        raise ValueError(f"x must be (batch, in) or (batch, seq, in) with in = {in_features}, got {tuple(x.shape)}")
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.shape != (x.shape[0],):
+        raise ValueError(f"indices must be a long tensor with one adapter index per row of x, shape "
+                         f"({x.shape[0]},), got {getattr(indices, 'dtype', type(indices).__name__)} "
+                         f"{tuple(getattr(indices, 'shape', ()))}")
+    if len(indices) and (indices.min() < -1 or indices.max() >= n):
+        raise ValueError(f"indices must lie in [-1, {n - 1}] (-1: no adapter), got values from "
+                         f"{indices.min().item()} to {indices.max().item()}")
+
+
+def lora_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+              scaling: torch.Tensor) -> torch.Tensor:
+    """The reference: row by row, ``scaling[i] * B[i] A[i] x`` for the row's adapter ``i``; 0 where ``i = -1``."""
+    _check_pool(x, A, B, indices, scaling)
+    out = x.new_zeros(*x.shape[:-1], B.shape[1])
+    for row, adapter in enumerate(indices.tolist()):
+        if adapter >= 0:
+            out[row] = (x[row] @ A[adapter].T) @ B[adapter].T * scaling[adapter]
+    return out
+
+
+def bgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+         scaling: torch.Tensor) -> torch.Tensor:
+    """The LoRA delta of every row with its own adapter, by gathering: Punica's BGMV.
+
+    x (batch, in) or (batch, seq, in); A (n_adapters, r_max, in); B (n_adapters, out,
+    r_max); indices (batch,) long, ``-1`` for no adapter; scaling (n_adapters,). Returns the
+    delta, shaped like x with ``out`` features, to add to the base layer's output.
+    """
+    _check_pool(x, A, B, indices, scaling)
+    active = indices >= 0
+    # -1 gathers adapter 0 (any would do) and the row is zeroed below. Gathering A[-1], as
+    # an indexing shortcut would, silently gives the row the *last* adapter instead.
+    gathered = indices.clamp(min=0)
+    shrink = torch.einsum("b...i,bri->b...r", x, A[gathered])  # (batch, [seq,] r_max)
+    expand = torch.einsum("b...r,bor->b...o", shrink, B[gathered])  # (batch, [seq,] out)
+    per_row = torch.where(active, scaling[gathered], 0).view(-1, *[1] * (x.dim() - 1))
+    return torch.where(per_row != 0, expand * per_row, 0)
+
+
+def segments(indices: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Rows grouped by adapter: (the stable order that sorts them, each segment's adapter, its length)."""
+    order = torch.argsort(indices, stable=True)
+    adapters, counts = torch.unique_consecutive(indices[order], return_counts=True)
+    return order, adapters.tolist(), counts.tolist()
+
+
+def sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+         scaling: torch.Tensor) -> torch.Tensor:
+    """The same delta as :func:`bgmv`, one pair of matrix products per distinct adapter: Punica's SGMV.
+
+    Rows are grouped into contiguous segments by adapter (sorted if they are not already),
+    so each adapter's A and B are read once per batch, not once per row.
+    """
+    _check_pool(x, A, B, indices, scaling)
+    order, adapters, counts = segments(indices)
+    out = x.new_zeros(*x.shape[:-1], B.shape[1])
+    start = 0
+    for adapter, count in zip(adapters, counts):
+        rows = order[start:start + count]
+        start += count
+        if adapter >= 0:
+            out[rows] = (x[rows] @ A[adapter].T) @ B[adapter].T * scaling[adapter]
+    return out
+
+
+KERNELS = {"bgmv": bgmv, "sgmv": sgmv, "loop": lora_loop}
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen linear layer plus a pool of LoRA adapters; each row of a batch uses its own.
+
+    ``indices`` (one adapter index per row, -1 for none) is set by :class:`MultiAdapterModel`
+    for the length of one call. The pool holds A (n_adapters, r_max, in), B (n_adapters,
+    out, r_max) and scaling (n_adapters,) as buffers: served, not trained.
+    """
+
+    def __init__(self, base_layer: nn.Module, n_adapters: int, r_max: int, kernel: str = "bgmv"):
+        super().__init__()
+        if not _is_linear(base_layer):
+            raise TypeError(f"base_layer must be nn.Linear or a GPT-2 Conv1D, got {type(base_layer).__name__}")
+        weight = base_layer.weight
+        conv1d = type(base_layer).__name__ == "Conv1D"
+        out_features, in_features = weight.shape[::-1] if conv1d else weight.shape
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        kw = dict(device=weight.device, dtype=weight.dtype)
+        self.register_buffer("A", torch.zeros(n_adapters, r_max, in_features, **kw))
+        self.register_buffer("B", torch.zeros(n_adapters, out_features, r_max, **kw))
+        self.register_buffer("scaling", torch.zeros(n_adapters, **kw))
+        self.kernel = kernel
+        self.indices: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.indices is None:
+            raise RuntimeError("a MultiLoRALinear runs inside MultiAdapterModel(idx, adapter_names=...), "
+                               "which says which adapter each row uses")
+        delta = KERNELS[self.kernel](x.to(self.A.dtype), self.A, self.B, self.indices, self.scaling)
+        return out + delta.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        n, r_max, _ = self.A.shape
+        return f"in={self.in_features}, out={self.out_features}, adapters={n}, r_max={r_max}, kernel={self.kernel}"
+
+
+def _read_adapter(name: str, directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / file).is_file():
+            raise FileNotFoundError(f"adapter {name!r}: {directory / file} not found; an adapter folder holds "
+                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"adapter {name!r} is a {config.get('peft_type')!r} adapter, not LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"adapter {name!r} is a DoRA adapter: its rescaling needs the whole adapted weight, "
+                         "which a batch of mixed adapters cannot gather per row (PEFT refuses it too); merge it "
+                         "into its own copy of the model instead")
+    unsupported = _unsupported_options(config)
+    if unsupported:
+        raise ValueError(f"adapter {name!r} uses {'; '.join(unsupported)}, which lora_edu does not support")
+    state = {_our_key(k): v for k, v in load_file(str(directory / ADAPTER_WEIGHTS)).items()}
+    return config, state
+
+
+class MultiAdapterModel(nn.Module):
+    """One base model and many LoRA adapters, a different one for each row of a batch.
+
+    ``adapters`` maps a name to an adapter folder in PEFT's format (ours or PEFT's). Every
+    layer that some adapter targets gets a :class:`MultiLoRALinear` pool, in place: the
+    base model is held once, and an adapter that does not target a layer contributes zero
+    there. Ranks may differ; the pool pads them with zeros to the largest (or to
+    ``max_rank``, which refuses any adapter above it). ``kernel`` picks ``"bgmv"``,
+    ``"sgmv"`` or ``"loop"``.
+
+    ``model(idx, adapter_names)`` with one name or ``None`` (the base model alone) per row
+    returns what each row would get from its adapter loaded alone; keyword arguments go to
+    the base model. :meth:`generate` samples the same way.
+    """
+
+    def __init__(self, base_model: nn.Module, adapters: dict[str, str | os.PathLike], max_rank: int | None = None,
+                 kernel: str = "bgmv"):
+        super().__init__()
+        if not isinstance(adapters, dict) or not adapters or not all(isinstance(n, str) and n for n in adapters):
+            raise ValueError(f"adapters must be a non-empty dict of name -> adapter folder, got {adapters!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
+            raise ValueError(f"max_rank must be None or a positive int, got {max_rank!r}")
+        if lora_layers(base_model) or any(isinstance(m, MultiLoRALinear) for m in base_model.modules()):
+            raise ValueError("base_model already has LoRA layers; serve adapters on the plain base model")
+        modules = {n: m for n, m in base_model.named_modules() if n}
+        read = {name: _read_adapter(name, directory) for name, directory in adapters.items()}
+
+        plans = {}  # adapter name -> {module name: (A, B)}, every check passed before anything changes
+        for name, (config, state) in read.items():
+            targets, exclude = config["target_modules"], config.get("exclude_modules") or ()
+            _check_targets(targets)
+            if targets == "all-linear":
+                exclude = rf"(?:{exclude})|(?:.*\.)?lm_head" if isinstance(exclude, str) else (*exclude, "lm_head")
+            chosen, unmatched = _select(modules, targets, exclude)
+            if unmatched:
+                raise ValueError(f"adapter {name!r} targets {', '.join(map(repr, unmatched))}, which this model does "
+                                 "not have: was it made for another base model?")
+            plans[name] = self._plan(name, config, state, {m: modules[m] for m in chosen})
+        ranks = {name: config["r"] for name, (config, _) in read.items()}
+        r_max = max(ranks.values()) if max_rank is None else max_rank
+        too_big = {name: r for name, r in ranks.items() if r > r_max}
+        if too_big:
+            raise ValueError(f"adapters {too_big} have a rank above the pool's max_rank={r_max}")
+
+        self.base_model = base_model
+        self.names = list(adapters)
+        self.r_max = r_max
+        layers = sorted({m for plan in plans.values() for m in plan})
+        for module_name in layers:
+            pool = MultiLoRALinear(modules[module_name], len(self.names), r_max, kernel)
+            with torch.no_grad():
+                for i, name in enumerate(self.names):
+                    if module_name not in plans[name]:
+                        continue  # not targeted by this adapter: its slot stays zero
+                    a, b = plans[name][module_name]
+                    config = read[name][0]
+                    pool.A[i, : a.shape[0]] = a
+                    pool.B[i, :, : b.shape[1]] = b
+                    r = config["r"]
+                    pool.scaling[i] = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+            parent, _, child = module_name.rpartition(".")
+            setattr(base_model.get_submodule(parent) if parent else base_model, child, pool)
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+    @staticmethod
+    def _plan(name: str, config: dict, state: dict, chosen: dict[str, nn.Module]) -> dict:
+        r = config["r"]
+        expected = {}
+        for module_name, module in chosen.items():
+            conv1d = type(module).__name__ == "Conv1D"
+            out_f, in_f = module.weight.shape[::-1] if conv1d else module.weight.shape
+            expected[f"{module_name}.lora_A.weight"] = (r, in_f)
+            expected[f"{module_name}.lora_B.weight"] = (out_f, r)
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [f"{k} has shape {tuple(state[k].shape)}, this model expects {shape}"
+                     for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+        if problems:
+            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+            raise ValueError(f"adapter {name!r} does not fit this model (made for another base model?): {shown}")
+        return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"]) for m in chosen}
+
+    def pools(self) -> dict[str, MultiLoRALinear]:
+        return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+    def pool_bytes(self) -> int:
+        """Bytes of every adapter in every pool (A, B and scaling), padding included."""
+        return sum(t.numel() * t.element_size() for pool in self.pools().values() for t in pool.buffers())
+
+    def indices_for(self, adapter_names, batch_size: int) -> torch.Tensor:
+        """One pool index per row: the adapter's position in ``names``, -1 for ``None``."""
+        if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
+            raise ValueError(f"adapter_names must be a list with one name (or None) per row, {batch_size} rows, "
+                             f"got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n is not None and n not in self.names})
+        if unknown:
+            raise ValueError(f"unknown adapter names {unknown}; this model serves {self.names} (and None for the "
+                             "base model)")
+        return torch.tensor([-1 if n is None else self.names.index(n) for n in adapter_names], dtype=torch.long)
+
+    @contextmanager
+    def serving(self, adapter_names, batch_size: int):
+        indices = self.indices_for(adapter_names, batch_size)
+        pools = self.pools().values()
+        for pool in pools:
+            pool.indices = indices.to(pool.A.device)
+        try:
+            yield
+        finally:
+            for pool in pools:
+                pool.indices = None
+
+    def forward(self, idx: torch.Tensor, adapter_names, **kwargs):
+        with self.serving(adapter_names, idx.shape[0]):
+            return self.base_model(idx, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, adapter_names, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Sample continuations of ``idx``, each row with its own adapter.
+
+        Our GPT2 samples with :func:`lora_edu.gpt2.generate` (``temperature``, ``top_k``,
+        ``seed``); a Hugging Face model with its own ``generate`` (its keyword arguments).
+        """
+        from lora_edu.gpt2 import GPT2, generate
+
+        with self.serving(adapter_names, idx.shape[0]):
+            if isinstance(self.base_model, GPT2):
+                return generate(self.base_model, idx, max_new_tokens, **kwargs)
+            return self.base_model.generate(idx, max_new_tokens=max_new_tokens, **kwargs)
