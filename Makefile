@@ -6,17 +6,25 @@
 # make gpu (the GPU run, scripts/gpu_check.sh; a CPU rehearsal where there is no GPU).
 
 PYTHON ?= python3
+# TORCH=cpu (make book TORCH=cpu, make test TORCH=cpu): take torch's CPU build, the same
+# version, from PyTorch's index (about 200 MB) instead of PyPI's Linux build, which brings
+# CUDA (about 5 GB). The printed numbers are the same. After switching, `make clean` first.
+TORCH ?= pypi
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book test lab notebooks exercises fork gpu clean
+.PHONY: setup book test matrix lab notebooks exercises fork gpu clean
 
 setup: $(STAMP)
 
 # Re-install whenever the pins or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+ifeq ($(TORCH),cpu)
+	$(BIN)/python -m pip install --quiet --no-deps --index-url $(TORCH_CPU_INDEX) "$$(grep '^torch==' requirements.txt)"
+endif
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python scripts/fetch_mathjax.py
@@ -34,6 +42,12 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/nbval_installed.py
+
+# The unit tests on every other Python version the project claims that this machine has
+# (pyproject.toml's classifiers), each in its own .venv-3.X with torch's CPU build. CI runs
+# it after make test.
+matrix:
+	bash scripts/python_matrix.sh
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab exercises/
@@ -59,4 +73,4 @@ gpu: $(STAMP)
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) _build gpu_results
+	rm -rf $(VENV) .venv-3.* _build gpu_results

@@ -44,8 +44,40 @@ def test_conda_users_get_the_same_pins():
     assert "-r requirements.txt" in env and "==" not in env
 
 
-def test_ci_runs_make_test_only():
+def test_ci_runs_make_test_then_the_python_matrix():
     commands = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
-    # Everything is in `make test`; before it, .ci/run only installs Chromium for the browser test.
-    assert commands[-1] == "make test"
-    assert not any("pytest" in c or c.lstrip().startswith("make") for c in commands[:-1])
+    # Everything is in `make test`; before it, .ci/run only installs Chromium for the browser test,
+    # after it the unit tests run on the other claimed Python versions.
+    assert commands[-2:] == ["make test", "make matrix"]
+    assert not any("pytest" in c or c.lstrip().startswith("make") for c in commands[:-2])
+
+
+def claimed_versions() -> list[str]:
+    classifiers = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["classifiers"]
+    prefix = "Programming Language :: Python :: "
+    return [c.removeprefix(prefix) for c in classifiers if c.startswith(prefix + "3.")]
+
+
+def test_the_claimed_python_versions_are_stated_alike_everywhere():
+    versions = claimed_versions()
+    assert versions[0] == "3.11"  # the oldest the pins install on (numpy 2.4, transformers 5)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == f">={versions[0]}"
+    stated = ", ".join(versions[:-1]) + f" and {versions[-1]}"
+    for page in ("README.md", "book/intro.md"):
+        assert f"Python {stated}" in " ".join((ROOT / page).read_text().split()), f"{page} should say Python {stated}"
+
+
+def test_the_matrix_finds_the_claimed_versions_and_the_cpu_route_takes_torch_from_pytorch(tmp_path):
+    import subprocess
+
+    script = (ROOT / "scripts" / "python_matrix.sh").read_text()
+    assert "classifiers" in script and "download.pytorch.org/whl/cpu" in script
+    dry = subprocess.run(["make", "-n", "-B", "setup", "TORCH=cpu", f"VENV={tmp_path / 'v'}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    torch_line = next(line for line in dry.splitlines() if "download.pytorch.org/whl/cpu" in line)
+    assert "--no-deps" in torch_line and "torch==" in torch_line
+    assert dry.index("whl/cpu") < dry.index("-r requirements.txt")  # torch first: the pins then keep it
+    plain = subprocess.run(["make", "-n", "-B", "setup", f"VENV={tmp_path / 'v'}"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    assert "download.pytorch.org" not in plain
