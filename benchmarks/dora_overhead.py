@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +39,7 @@ import torch.nn as nn
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, merge_lora
 from lora_edu.qlora import saved_activation_bytes
-from lora_edu.results import RESULTS_DIR
+from lora_edu.results import RESULTS_DIR, describe_device, save
 
 OUT = {"cuda": RESULTS_DIR / "dora_overhead.json", "cpu": RESULTS_DIR / "dora_overhead_cpu.json"}
 COMMAND = "python benchmarks/dora_overhead.py"
@@ -214,7 +212,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{device} {row['part']:9s} {row['method']:14s} {row['median_seconds'] * 1e3:9.1f} ms{extra}")
     for key, value in ratios.items():
         print(f"{key:38s} {value:.3f}")
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     record = {
         "benchmark": "dora_overhead",
         "command": COMMAND,
@@ -223,15 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
                                 "pass (inference_mode), over interleaved rounds"},
         "results": rows,
         "ratios": ratios,
-        "device": f"{torch.cuda.get_device_name()}; CPU {cpu}" if device == "cuda" else cpu,
+        "device": describe_device(device),
         "versions": versions(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "wall_seconds": round(time.time() - start),
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    save(record, out)
     return record
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +28,7 @@ import torch
 from lora_edu.adapters import adapter_parameters, add_serial_adapters
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters, merge_lora
-from lora_edu.results import RESULTS_DIR
+from lora_edu.results import RESULTS_DIR, describe_device, save
 
 OUT = {"cuda": RESULTS_DIR / "lora_latency.json", "cpu": RESULTS_DIR / "lora_latency_cpu.json"}
 COMMAND = "python benchmarks/lora_latency.py"
@@ -114,22 +112,18 @@ def main(argv: list[str] | None = None) -> dict:
             })
             print(f"{device} batch {batch_size:2d} x {seq_len:3d}  {name:14s} {latency[name] * 1e3:8.2f} ms  "
                   f"{latency[name] / latency['base']:.3f} x base", flush=True)
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     record = {
         "benchmark": "lora_latency",
         "command": COMMAND,
         "config": {**plan, "quick": args.quick, "dtype": str(dtype).removeprefix("torch."),
                    "statistic": "median seconds per forward pass over interleaved rounds, torch.inference_mode"},
         "results": rows,
-        "device": f"{torch.cuda.get_device_name()}; CPU {cpu}" if device == "cuda" else cpu,
+        "device": describe_device(device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "wall_seconds": round(time.time() - start),
     }
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    save(record, out)
     return record
 
 

@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 

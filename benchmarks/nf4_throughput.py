@@ -20,10 +20,8 @@ and the zero-block, tie and partial-block cases are compared on every device.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lora_edu.nf4 import dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
-from lora_edu.results import RESULTS_DIR
+from lora_edu.results import RESULTS_DIR, describe_device, save
 
 OUT = {"cpu": RESULTS_DIR / "nf4_throughput.json", "cuda": RESULTS_DIR / "nf4_throughput_cuda.json"}
 COMMAND = "python benchmarks/nf4_throughput.py"
@@ -175,13 +173,6 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def device_description(devices: list[str]) -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    if "cuda" in devices:
-        return f"{torch.cuda.get_device_name()}; CPU {cpu}"
-    return cpu
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, a smoke test")
@@ -222,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         "summary": summary(results),
         "copy_bytes_per_second": bandwidth,
         "edge_cases": cases,
-        "device": device_description(devices),
+        "device": describe_device("cuda" if "cuda" in devices else "cpu"),
         "versions": {
             "python": platform.python_version(), "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
         },
@@ -232,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in record["summary"]:
         print(f"{row['device']}: dequantize_nf4_fast / bitsandbytes: worst {row['min_speed_ratio']:.2f}, "
               f"median {row['median_speed_ratio']:.2f}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+    save(record, out)
     return record
 
 

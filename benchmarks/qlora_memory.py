@@ -31,12 +31,9 @@ would hold, so the CPU run measures those.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -55,7 +52,7 @@ from lora_edu.qlora import (
     quantize_model,
     saved_activation_bytes,
 )
-from lora_edu.results import RESULTS_DIR
+from lora_edu.results import RESULTS_DIR, describe_device, save
 
 OUT = {"cuda": RESULTS_DIR / "qlora_memory.json", "cpu": RESULTS_DIR / "qlora_memory_cpu.json"}
 COMMAND = "python benchmarks/qlora_memory.py"
@@ -229,16 +226,6 @@ def versions() -> dict:
             "peft": peft.__version__, "transformers": transformers.__version__}
 
 
-def device_description(device: str) -> str:
-    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return f"{torch.cuda.get_device_name()}; CPU {cpu}" if device == "cuda" else cpu
-
-
-def write(out: Path, record: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model, a few steps: a smoke test")
@@ -263,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "peak_memory": "torch.cuda.max_memory_allocated after building the model, over all steps"},
             "results": rows,
             "ratios_lora_edu_over_peft": ratios(rows),
-            "device": device_description(device),
+            "device": describe_device(device),
             "versions": versions(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "wall_seconds": round(time.time() - start),
@@ -277,15 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
                 gc.collect()
                 if device == "cuda":
                     torch.cuda.empty_cache()
-                if out is not None:  # after every row, so a run cut short by a time limit keeps what it measured
-                    write(out, record_of(rows))
+                save(record_of(rows), out)  # after every row: a run cut short by a time limit keeps what it measured
     record = record_of(rows)
     for r in record["ratios_lora_edu_over_peft"]:
         print(f"{r['preset']:12s} {r['ours']:20s} tokens/s ratio {r['tokens_per_second_ratio']:.2f}"
               + (f"  peak memory ratio {r['peak_memory_ratio']:.2f}" if "peak_memory_ratio" in r else ""))
-    if out is not None:
-        write(out, record)
-        print(f"wrote {out}", file=sys.stderr)
+    save(record, out)
     return record
 
 

@@ -9,9 +9,11 @@ checkout and on Colab, where the installed package is all there is.
 from __future__ import annotations
 
 import json
+import platform
+import sys
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "load", "names"]
+__all__ = ["RESULTS_DIR", "describe_device", "load", "names", "save"]
 
 RESULTS_DIR = Path(__file__).resolve().parent
 
@@ -29,3 +31,20 @@ def load(name: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no results named {name!r}; there are: {', '.join(names())}")
     return json.loads(path.read_text())
+
+
+def describe_device(device: str) -> str:
+    """What a record says it ran on: the GPU and the CPU for ``"cuda"``, else the CPU and its threads."""
+    import torch
+
+    cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{torch.cuda.get_device_name()}; CPU {cpu}" if device == "cuda" else cpu
+
+
+def save(record: dict, out: Path | None) -> None:
+    """Write a benchmark's record as JSON to ``out`` (nothing when ``out`` is None), and say where."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
