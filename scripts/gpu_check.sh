@@ -13,7 +13,8 @@
 #   4. qlora     benchmarks/qlora_memory.py: peak memory and tokens/s, GPT-2 124M to 1.5B, ours against PEFT
 #   5. latency   benchmarks/lora_latency.py: the LoRA paper's Table 1 setting
 #   6. dora      benchmarks/dora_overhead.py: DoRA's step time and memory against LoRA, ours and PEFT's
-#   7. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
+#   7. serving   benchmarks/multi_adapter_throughput.py: a batch of mixed adapters, five ways of serving it
+#   8. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
 # Everything lands in $OUT (when set, as on the device machine) or gpu_results/: a log, one JSON per
 # benchmark, the chapters' outcomes and gpu_check.json, the status of every step. Copy the results
 # into lora_edu/results/ (the run record into benchmarks/gpu_check/) and commit them. Exit status: 0 when every step passed.
@@ -91,6 +92,7 @@ if [[ "$MODE" == full ]]; then
     --out "$RESULTS/qlora_memory.json"
   step latency 45 "$PYTHON" benchmarks/lora_latency.py --out "$RESULTS/lora_latency.json"
   step dora 60 "$PYTHON" benchmarks/dora_overhead.py --out "$RESULTS/dora_overhead.json"
+  step serving 100 "$PYTHON" benchmarks/multi_adapter_throughput.py --out "$RESULTS/multi_adapter_throughput.json"
   step chapters 110 "$PYTHON" scripts/run_notebooks_as_scripts.py --budget 80 \
     --summary "$RESULTS/chapters_cuda.json" \
     book/05_qlora_gpt2.ipynb book/02_lora_from_scratch.ipynb book/00_meet_the_model.ipynb \
@@ -100,6 +102,7 @@ else
   step qlora 900 "$PYTHON" benchmarks/qlora_memory.py --quick --out "$RESULTS/qlora_memory.json"
   step latency 600 "$PYTHON" benchmarks/lora_latency.py --quick --out "$RESULTS/lora_latency.json"
   step dora 600 "$PYTHON" benchmarks/dora_overhead.py --quick --out "$RESULTS/dora_overhead.json"
+  step serving 600 "$PYTHON" benchmarks/multi_adapter_throughput.py --quick --out "$RESULTS/multi_adapter_throughput.json"
   # nbval executes every chapter on the CPU already; here the runner parses every cell.
   step chapters 300 "$PYTHON" scripts/run_notebooks_as_scripts.py --compile-only \
     --summary "$RESULTS/chapters_cuda.json" book/*.ipynb solutions/*.ipynb

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "chapters"]
+STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "serving", "chapters"]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def test_the_cuda_tests_ran_on_the_cpu_and_none_was_skipped(rehearsal):
 def test_every_results_file_says_where_when_and_with_what(rehearsal):
     _, out = rehearsal
     for name in ("nf4_throughput_cuda.json", "qlora_memory.json", "lora_latency.json", "dora_overhead.json",
-                 "gpu_check.json"):
+                 "multi_adapter_throughput.json", "gpu_check.json"):
         record = read(out, name)
         for key in ("benchmark", "command", "device", "versions", "date", "results"):
             assert record.get(key), f"{name} lacks {key!r}"
@@ -115,6 +115,16 @@ def test_dora_rehearsal_measures_both_methods_both_ways(rehearsal):
     assert train["dora_lora_edu"]["trainable_parameters"] == train["dora_peft"]["trainable_parameters"]
     assert train["dora_lora_edu"]["trainable_parameters"] > train["lora_lora_edu"]["trainable_parameters"]
     assert all(r["saved_activation_bytes"] > 0 for r in train.values())
+
+
+def test_serving_rehearsal_runs_every_method_and_they_agree(rehearsal):
+    _, out = rehearsal
+    rows = read(out, "multi_adapter_throughput.json")["results"]
+    (check,) = [r for r in rows if r["method"] == "check"]
+    assert max(check["max_abs_logit_difference_from_bgmv"].values()) < 1e-4
+    timed = [r for r in rows if "tokens_per_second" in r]
+    assert {r["method"] for r in timed} == {"base", "merge_swap", "bgmv", "sgmv", "base_hf", "peft_mixed"}
+    assert all(r["tokens_per_second"] > 0 for r in timed)
 
 
 def test_the_chapters_step_parses_every_notebook(rehearsal):
