@@ -169,8 +169,9 @@ class PrefixAttention(nn.Module):
     """A GPT2 attention layer whose keys and values begin with ``n_prefix`` learned ones (prefix tuning).
 
     Every real token may attend to the whole prefix, and causally to the tokens before it.
-    The prefix starts as small random vectors (Li and Liang train it through an MLP for
-    stability; that reparameterization is dropped after training and left out here).
+    The prefix starts as small random vectors; :func:`add_prefix_tuning` starts it from real
+    tokens' keys and values instead. (Li and Liang also train it through an MLP for
+    stability; that reparameterization is dropped after training and left out here.)
     """
 
     def __init__(self, attn: nn.Module, n_prefix: int, seed: int = 0):
@@ -199,14 +200,35 @@ class PrefixAttention(nn.Module):
         return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
-def add_prefix_tuning(model: nn.Module, n_prefix: int) -> nn.Module:
-    """Prefix tuning in place: ``n_prefix`` learned keys and values in every attention layer."""
+def add_prefix_tuning(model: nn.Module, n_prefix: int, seed: int = 0) -> nn.Module:
+    """Prefix tuning in place: ``n_prefix`` learned keys and values in every attention layer.
+
+    The prefixes start as the keys and values the model itself computes for ``n_prefix``
+    random vocabulary tokens, layer by layer (Li and Liang found initialising from real
+    words' activations far better than random vectors).
+    """
     blocks = _blocks(model)
     if any(isinstance(block.attn, PrefixAttention) for block in blocks):
         raise ValueError("model already has prefixes; build them on a fresh copy of the model")
+    if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or not 0 < n_prefix < model.config.block_size:
+        raise ValueError(f"n_prefix must be a positive int below block_size, got {n_prefix!r}")
     _freeze(model)
-    for i, block in enumerate(blocks):
-        block.attn = PrefixAttention(block.attn, n_prefix, seed=i)
+    keys_values = []
+    hooks = [block.attn.c_attn.register_forward_hook(lambda m, i, out: keys_values.append(out.detach()[0]))
+             for block in blocks]
+    tokens = torch.randint(0, model.config.vocab_size, (1, n_prefix), generator=torch.Generator().manual_seed(seed))
+    try:
+        with torch.no_grad():
+            model(tokens.to(next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for i, (block, kqv) in enumerate(zip(blocks, keys_values)):
+        layer = PrefixAttention(block.attn, n_prefix, seed=seed + i)
+        _, k, v = kqv.split(kqv.shape[-1] // 3, dim=-1)
+        with torch.no_grad():
+            layer.prefix_keys.copy_(k), layer.prefix_values.copy_(v)
+        block.attn = layer
     return model
 
 

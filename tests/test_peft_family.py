@@ -136,6 +136,18 @@ def test_prefix_tuning_attends_to_the_prefix_and_causally_to_the_rest(base):
         merge_peft(model)
 
 
+def test_the_prefix_starts_as_real_tokens_keys_and_values(base):
+    """Initialised from the model's own keys and values for real tokens: reading them as a prefix
+    is reading those tokens first, in the first layer."""
+    model = add_prefix_tuning(copy.deepcopy(base), n_prefix=3, seed=5)
+    tokens = torch.randint(0, 256, (1, 3), generator=torch.Generator().manual_seed(5))
+    layer = model.transformer.h[0].attn
+    x = base.transformer.wte(tokens) + base.transformer.wpe(torch.arange(3))
+    _, k, v = layer.attn.c_attn(base.transformer.h[0].ln_1(x)).split(128, dim=-1)
+    torch.testing.assert_close(layer.prefix_keys, k[0].detach())
+    torch.testing.assert_close(layer.prefix_values, v[0].detach())
+
+
 def test_adapters_are_refused_by_merge_peft(base):
     with pytest.raises(TypeError, match="serial adapters cannot be merged"):
         merge_peft(add_serial_adapters(copy.deepcopy(base), bottleneck=4))
@@ -145,6 +157,7 @@ def test_adapters_are_refused_by_merge_peft(base):
     (lambda m: add_ia3(add_ia3(m)), "already has"),
     (lambda m: add_prefix_tuning(add_prefix_tuning(m, 2), 2), "already has"),
     (lambda m: add_prefix_tuning(m, 0), "n_prefix must be a positive int"),
+    (lambda m: add_prefix_tuning(m, 128), "below block_size"),
     (lambda m: PromptTuned(m, 128), r"n_virtual must be an int in \[1, block_size\)"),
     (lambda m: add_bitfit(torch.nn.Linear(2, 2)), "must be a lora_edu GPT2"),
 ])
