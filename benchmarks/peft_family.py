@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         if (method, lr, seed) in done:
             return
         runs.append(run(method, lr, seed, steps, data))
+        done.add((method, lr, seed))
         r = runs[-1]
         print(f"{method:8s} lr {lr:<7g} seed {seed}: Milton {r['milton_val_loss']:.4f}, "
               f"Shakespeare {r['shakespeare_val_loss']:.4f}, {r['trainable_parameters']:,} trained", flush=True)
