@@ -190,20 +190,18 @@ def main(argv: list[str] | None = None) -> dict:
                                 "dora_merged": merge_lora(copy.deepcopy(dora))}, batch[:, :-1], plan)
     rows += [{"part": "inference", "method": name, "median_seconds": inference[name]} for name in INFERENCE]
 
-    by = {(r["part"], r["method"]): r for r in rows}
+    training = {r["method"]: r for r in rows if r["part"] == "training"}
+
+    def ratio(key: str, top: str, bottom: str) -> float:
+        return training[top][key] / training[bottom][key]
+
     ratios = {
-        "dora_over_lora_step_time_lora_edu": by["training", "dora_lora_edu"]["median_seconds"]
-        / by["training", "lora_lora_edu"]["median_seconds"],
-        "dora_over_lora_step_time_peft": by["training", "dora_peft"]["median_seconds"]
-        / by["training", "lora_peft"]["median_seconds"],
-        "ours_over_peft_step_time_lora": by["training", "lora_lora_edu"]["median_seconds"]
-        / by["training", "lora_peft"]["median_seconds"],
-        "ours_over_peft_step_time_dora": by["training", "dora_lora_edu"]["median_seconds"]
-        / by["training", "dora_peft"]["median_seconds"],
-        "dora_over_lora_saved_bytes_lora_edu": by["training", "dora_lora_edu"]["saved_activation_bytes"]
-        / by["training", "lora_lora_edu"]["saved_activation_bytes"],
-        "dora_over_lora_saved_bytes_peft": by["training", "dora_peft"]["saved_activation_bytes"]
-        / by["training", "lora_peft"]["saved_activation_bytes"],
+        "dora_over_lora_step_time_lora_edu": ratio("median_seconds", "dora_lora_edu", "lora_lora_edu"),
+        "dora_over_lora_step_time_peft": ratio("median_seconds", "dora_peft", "lora_peft"),
+        "ours_over_peft_step_time_lora": ratio("median_seconds", "lora_lora_edu", "lora_peft"),
+        "ours_over_peft_step_time_dora": ratio("median_seconds", "dora_lora_edu", "dora_peft"),
+        "dora_over_lora_saved_bytes_lora_edu": ratio("saved_activation_bytes", "dora_lora_edu", "lora_lora_edu"),
+        "dora_over_lora_saved_bytes_peft": ratio("saved_activation_bytes", "dora_peft", "lora_peft"),
         "unmerged_over_base_inference": inference["dora_unmerged"] / inference["base"],
         "merged_over_base_inference": inference["dora_merged"] / inference["base"],
     }

@@ -16,8 +16,10 @@
 #   7. serving   benchmarks/multi_adapter_throughput.py: a batch of mixed adapters, five ways of serving it
 #   8. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
 # Everything lands in $OUT (when set, as on the device machine) or gpu_results/: a log, one JSON per
-# benchmark, the chapters' outcomes and gpu_check.json, the status of every step. Copy the results
-# into lora_edu/results/ (the run record into benchmarks/gpu_check/) and commit them. Exit status: 0 when every step passed.
+# benchmark, gpu_check.json (every step's status, the CUDA tests' counts and failures, the chapters'
+# outcomes) and cuda_reciprocal.npz only when it differs from the committed table: at most 8 files,
+# all the device tool brings back. Copy the results into lora_edu/results/ (the run record into
+# benchmarks/gpu_check/) and commit them. Exit status: 0 when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,7 @@ MODE=full
 [[ "${1:-}" == "--rehearse" ]] && MODE=rehearse
 PYTHON=${PYTHON:-python3}
 RESULTS=${OUT:-gpu_results}
+SCRATCH=$(mktemp -d)  # what gpu_check.json summarises: the pytest report, the chapters' outcomes
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
@@ -79,12 +82,13 @@ STEPS+=("wheels $? $(($(date +%s) - start))")
 # CUDA kernel bit for bit: measured first, into lora_edu/data/, so the tests and chapters use it.
 if [[ "$MODE" == full ]]; then
   step reciprocal 60 "$PYTHON" scripts/cuda_reciprocal_table.py
-  cp lora_edu/data/cuda_reciprocal.npz "$RESULTS/" 2>/dev/null
+  git diff --quiet -- lora_edu/data/cuda_reciprocal.npz 2>/dev/null \
+    || cp lora_edu/data/cuda_reciprocal.npz "$RESULTS/"
 else
   step reciprocal 60 "$PYTHON" scripts/cuda_reciprocal_table.py --self-test
 fi
 # Only tests/test_cuda*.py: the other test files import what the GPU machine lacks (nbformat, ...).
-step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -m cuda tests/test_cuda*.py -q -o addopts= -p no:cacheprovider --junitxml="$RESULTS/pytest_cuda.xml"
+step tests "$TESTS_LIMIT" "$PYTHON" -m pytest -m cuda tests/test_cuda*.py -q -o addopts= -p no:cacheprovider --junitxml="$SCRATCH/pytest_cuda.xml"
 if [[ "$MODE" == full ]]; then
   step nf4 50 "$PYTHON" benchmarks/nf4_throughput.py --devices cuda --out "$RESULTS/nf4_throughput_cuda.json"
   # The 1.5B shape first: its QLoRA peak memory (the T4 question) matters most if time runs out.
@@ -94,7 +98,7 @@ if [[ "$MODE" == full ]]; then
   step dora 60 "$PYTHON" benchmarks/dora_overhead.py --out "$RESULTS/dora_overhead.json"
   step serving 100 "$PYTHON" benchmarks/multi_adapter_throughput.py --out "$RESULTS/multi_adapter_throughput.json"
   step chapters 110 "$PYTHON" scripts/run_notebooks_as_scripts.py --budget 80 \
-    --summary "$RESULTS/chapters_cuda.json" \
+    --summary "$SCRATCH/chapters_cuda.json" \
     book/05_qlora_gpt2.ipynb book/02_lora_from_scratch.ipynb book/00_meet_the_model.ipynb \
     book/01_svd_intuition.ipynb book/03_lora_plus.ipynb
 else
@@ -105,20 +109,39 @@ else
   step serving 600 "$PYTHON" benchmarks/multi_adapter_throughput.py --quick --out "$RESULTS/multi_adapter_throughput.json"
   # nbval executes every chapter on the CPU already; here the runner parses every cell.
   step chapters 300 "$PYTHON" scripts/run_notebooks_as_scripts.py --compile-only \
-    --summary "$RESULTS/chapters_cuda.json" book/*.ipynb solutions/*.ipynb
+    --summary "$SCRATCH/chapters_cuda.json" book/*.ipynb solutions/*.ipynb
 fi
 
-"$PYTHON" - "$RESULTS/gpu_check.json" "$MODE" "${STEPS[@]}" <<'PY'
+"$PYTHON" - "$RESULTS/gpu_check.json" "$SCRATCH" "$MODE" "${STEPS[@]}" <<'PY'
 import json, platform, subprocess, sys
+import xml.etree.ElementTree as ElementTree
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
-out, mode, *steps = sys.argv[1:]
+out, scratch, mode, *steps = sys.argv[1:]
+
+
+def cuda_tests(report: Path) -> dict:
+    """The counts of pytest's JUnit report, and the name of every test that did not pass."""
+    if not report.exists():
+        return {"report": "missing"}
+    suite = ElementTree.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return {**counts, "not_passed": failed}
+
+
+chapters = Path(scratch, "chapters_cuda.json")
 commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
 record = {
     "benchmark": "gpu_check", "command": "bash scripts/gpu_check.sh", "mode": mode,
     "results": [{"step": s, "exit_status": int(rc), "seconds": int(sec)} for s, rc, sec in (x.split() for x in steps)],
+    "cuda_tests": cuda_tests(Path(scratch, "pytest_cuda.xml")),
+    "chapters": json.loads(chapters.read_text()) if chapters.exists() else "missing",
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})",
     "versions": {"python": platform.python_version(), "torch": torch.__version__},
     "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
