@@ -24,14 +24,12 @@ DoRA merged (``merge_lora``), in eval mode: merged, DoRA should cost nothing.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -39,7 +37,7 @@ import torch.nn as nn
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, merge_lora
 from lora_edu.qlora import saved_activation_bytes
-from lora_edu.results import RESULTS_DIR, describe_device, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
 
 OUT = {"cuda": RESULTS_DIR / "dora_overhead.json", "cpu": RESULTS_DIR / "dora_overhead_cpu.json"}
 COMMAND = "python benchmarks/dora_overhead.py"
@@ -150,13 +148,11 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny model, a few steps: a smoke test")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results (--quick writes nothing by default)")
+    parser = benchmark_arguments(__doc__, "the tiny model, a few steps: a smoke test")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = QUICK if args.quick else GPU if device == "cuda" else CPU
-    out = args.out if args.out is not None else (None if args.quick else OUT[device])
+    out = out_path(args, OUT[device])
     start = time.time()
     config = GPT2Config.from_preset(plan["preset"])
     torch.manual_seed(0)

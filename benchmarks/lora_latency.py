@@ -15,20 +15,18 @@ drift on the machine hits every model alike; ratios are to the base model in the
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from lora_edu.adapters import adapter_parameters, add_serial_adapters
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters, merge_lora
-from lora_edu.results import RESULTS_DIR, describe_device, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
 
 OUT = {"cuda": RESULTS_DIR / "lora_latency.json", "cpu": RESULTS_DIR / "lora_latency_cpu.json"}
 COMMAND = "python benchmarks/lora_latency.py"
@@ -89,14 +87,12 @@ def trainable_parameters(name: str, model: torch.nn.Module) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny model, a few repeats: a smoke test")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results (--quick writes nothing by default)")
+    parser = benchmark_arguments(__doc__, "the tiny model, a few repeats: a smoke test")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = QUICK if args.quick else GPU if device == "cuda" else CPU
     dtype = torch.float16 if device == "cuda" else torch.float32  # the paper's GPT-2 runs in fp16
-    out = args.out if args.out is not None else (None if args.quick else OUT[device])
+    out = out_path(args, OUT[device])
     start = time.time()
     models = build_models(plan, device, dtype)
     vocab = models["base"].config.vocab_size

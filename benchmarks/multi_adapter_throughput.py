@@ -25,7 +25,6 @@ compare across methods.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import platform
 import statistics
@@ -38,7 +37,7 @@ import torch
 
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
-from lora_edu.results import RESULTS_DIR, describe_device, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
 from lora_edu.serving import MultiAdapterModel
 
 OUT = {"cuda": RESULTS_DIR / "multi_adapter_throughput.json", "cpu": RESULTS_DIR / "multi_adapter_throughput_cpu.json"}
@@ -209,13 +208,11 @@ def measure_shape(shape: str, plan: dict, rounds: int, device: str, folder: Path
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny model, small batches: a smoke test")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results (--quick writes nothing by default)")
+    parser = benchmark_arguments(__doc__, "the tiny model, small batches: a smoke test")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = QUICK if args.quick else GPU if device == "cuda" else CPU
-    out = args.out if args.out is not None else (None if args.quick else OUT[device])
+    out = out_path(args, OUT[device])
     start = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as folder:

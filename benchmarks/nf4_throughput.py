@@ -19,17 +19,15 @@ and the zero-block, tie and partial-block cases are compared on every device.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from lora_edu.nf4 import dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
-from lora_edu.results import RESULTS_DIR, describe_device, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
 
 OUT = {"cpu": RESULTS_DIR / "nf4_throughput.json", "cuda": RESULTS_DIR / "nf4_throughput_cuda.json"}
 COMMAND = "python benchmarks/nf4_throughput.py"
@@ -174,19 +172,16 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repeats, a smoke test")
+    parser = benchmark_arguments(__doc__, "tiny sizes and few repeats, a smoke test")
     parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
                         help="where to measure (default: cpu, and cuda when a GPU is there)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where to write the results (default results/nf4_throughput[_cuda].json; --quick writes nothing)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--devices cuda needs a CUDA GPU")
     default_out = OUT["cuda"] if "cuda" in devices else OUT["cpu"]
-    out = args.out if args.out is not None else (None if args.quick else default_out)
+    out = out_path(args, default_out)
 
     import bitsandbytes
 

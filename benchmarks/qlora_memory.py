@@ -30,7 +30,6 @@ would hold, so the CPU run measures those.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import platform
 import statistics
@@ -52,7 +51,7 @@ from lora_edu.qlora import (
     quantize_model,
     saved_activation_bytes,
 )
-from lora_edu.results import RESULTS_DIR, describe_device, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
 
 OUT = {"cuda": RESULTS_DIR / "qlora_memory.json", "cpu": RESULTS_DIR / "qlora_memory_cpu.json"}
 COMMAND = "python benchmarks/qlora_memory.py"
@@ -227,9 +226,7 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny model, a few steps: a smoke test")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results (default: results/qlora_memory[_cpu].json; --quick writes nothing)")
+    parser = benchmark_arguments(__doc__, "the tiny model, a few steps: a smoke test")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--presets", nargs="+", default=None, help="GPT-2 presets to run (default: all four sizes)")
     args = parser.parse_args(argv)
@@ -237,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = dict(QUICK if args.quick else GPU if device == "cuda" else CPU)
     if args.presets:
         plan["presets"] = args.presets
-    out = args.out if args.out is not None else (None if args.quick else OUT[device])
+    out = out_path(args, OUT[device])
     start = time.time()
     rows = []
 

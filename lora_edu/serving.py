@@ -33,6 +33,7 @@ from lora_edu.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     _check_targets,
+    _is_conv1d,
     _is_linear,
     _our_key,
     _select,
@@ -141,7 +142,7 @@ class MultiLoRALinear(nn.Module):
         if not _is_linear(base_layer):
             raise TypeError(f"base_layer must be nn.Linear or a GPT-2 Conv1D, got {type(base_layer).__name__}")
         weight = base_layer.weight
-        conv1d = type(base_layer).__name__ == "Conv1D"
+        conv1d = _is_conv1d(base_layer)
         out_features, in_features = weight.shape[::-1] if conv1d else weight.shape
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
@@ -259,7 +260,7 @@ class MultiAdapterModel(nn.Module):
         r = config["r"]
         expected = {}
         for module_name, module in chosen.items():
-            conv1d = type(module).__name__ == "Conv1D"
+            conv1d = _is_conv1d(module)
             out_f, in_f = module.weight.shape[::-1] if conv1d else module.weight.shape
             expected[f"{module_name}.lora_A.weight"] = (r, in_f)
             expected[f"{module_name}.lora_B.weight"] = (out_f, r)

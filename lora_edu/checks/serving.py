@@ -112,8 +112,6 @@ def check_pad_pool(pad_pool: Callable) -> None:
     too_big = [(torch.randn(5, d_in, dtype=torch.float64), torch.randn(d_out, 5, dtype=torch.float64))]
     try:
         call_learner(pad_pool, too_big, r_max)
-    except CheckFailed:
-        raise
     except ValueError:
         pass
     else:

@@ -8,12 +8,13 @@ checkout and on Colab, where the installed package is all there is.
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "describe_device", "load", "names", "save"]
+__all__ = ["RESULTS_DIR", "benchmark_arguments", "describe_device", "load", "names", "out_path", "save"]
 
 RESULTS_DIR = Path(__file__).resolve().parent
 
@@ -48,3 +49,18 @@ def save(record: dict, out: Path | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def benchmark_arguments(doc: str, quick: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes, ``--quick`` (a smoke test, described by ``quick``)
+    and ``--out``; a script adds its own and calls ``parse_args``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where to write results (default: lora_edu/results/; --quick writes nothing)")
+    return parser
+
+
+def out_path(args: argparse.Namespace, default: Path) -> Path | None:
+    """Where a benchmark writes: ``--out`` if given, else nowhere for ``--quick``, else ``default``."""
+    return args.out if args.out is not None else (None if args.quick else default)
