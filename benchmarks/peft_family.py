@@ -8,32 +8,37 @@ prompt tuning (16 virtual tokens), prefix tuning (8 keys and values per layer) a
 adapters (Houlsby's placement, bottleneck 8). Each method's learning rate is chosen on a
 grid with seed 0; seeds 1 and 2 then repeat the best rate. Recorded per run: held-out
 Milton loss, held-out Shakespeare loss (forgetting), trainable parameters; per method:
-whether it merges and how many context positions it uses.
+whether it merges, how many context positions it uses, and its forward pass's time,
+unmerged and (where it can) merged, beside the base model's.
+
+Then LoRA's hyperparameters, one at a time, from the family's LoRA at a fixed rate
+(``STUDY_LR``), three seeds each: the scale alpha/r against rsLoRA's alpha/sqrt(r) as r
+grows with alpha fixed; attention-only against MLP-only against every block matrix at
+(about) equal trainable parameters; dropout.
 
 Resumable: the record is written after every run, and runs already in it are skipped.
 
-    python benchmarks/peft_family.py          # writes lora_edu/results/peft_family.json (about an hour on 2 cores)
+    python benchmarks/peft_family.py          # writes lora_edu/results/peft_family.json (about 30 minutes on 2 cores)
     python benchmarks/peft_family.py --quick  # 10 steps, one rate and seed per method: a smoke test; writes nothing
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from lora_edu.adapters import add_serial_adapters
 from lora_edu.data import load_split
 from lora_edu.gpt2 import load_tiny
-from lora_edu.lora import add_lora, count_parameters
-from lora_edu.peft_family import PromptTuned, add_bitfit, add_ia3, add_prefix_tuning
-from lora_edu.results import RESULTS_DIR, describe_device, save
+from lora_edu.lora import add_lora, count_parameters, lora_layers, merge_lora
+from lora_edu.peft_family import PromptTuned, add_bitfit, add_ia3, add_prefix_tuning, merge_peft
+from nf4_throughput import interleaved_medians
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
 from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
 
 OUT = RESULTS_DIR / "peft_family.json"
@@ -51,30 +56,82 @@ METHODS = {
     "prefix": (lambda m: add_prefix_tuning(m, N_PREFIX), [1e-3, 1e-2, 3e-2], False, 0),
     "adapters": (lambda m: add_serial_adapters(m, BOTTLENECK), [1e-3, 3e-3, 1e-2], False, 0),
 }
+# LoRA's hyperparameters: add_lora's arguments per variant, each trained at STUDY_LR with every seed.
+# "r8" is the family's LoRA; the targets variants match its 16,384 parameters per block within 2%
+# (attention: 21 x (128 + 384 + 128 + 128) = 16,128; MLP: 13 x (128 + 512 + 512 + 128) = 16,640).
+STUDY_LR = 1e-2
+ATTENTION, MLP = ["attn.c_attn", "attn.c_proj"], ["mlp.c_fc", "mlp.c_proj"]
+VARIANTS = {
+    "r8": dict(targets="all-linear", r=8, alpha=16),
+    # alpha/r with alpha 16 against rsLoRA's alpha/sqrt(r) with alpha 16/sqrt(8): both scale by 2 at r = 8,
+    # where STUDY_LR is LoRA's best, and part as r grows (to 0.125 and 0.5 at r = 128).
+    **{f"r{r}": dict(targets="all-linear", r=r, alpha=16) for r in (2, 32, 128)},
+    **{f"r{r}_rslora": dict(targets="all-linear", r=r, alpha=16 / 8**0.5, use_rslora=True) for r in (2, 8, 32, 128)},
+    "attention_r21": dict(targets=ATTENTION, r=21, alpha=42),
+    "mlp_r13": dict(targets=MLP, r=13, alpha=26),
+    "dropout0.05": dict(targets="all-linear", r=8, alpha=16, dropout=0.05),
+    "dropout0.1": dict(targets="all-linear", r=8, alpha=16, dropout=0.1),
+}
+LATENCY_SHAPE, LATENCY_REPEATS = (8, BLOCK_SIZE), 30
 
 
-def run(method: str, lr: float, seed: int, steps: int, data: dict) -> dict:
-    build = METHODS[method][0]
+def run(method: str, lr: float, seed: int, steps: int, data: dict, variant: str | None = None) -> dict:
+    build = METHODS[method][0] if variant is None else (lambda m: add_lora(m, **VARIANTS[variant]))
     seed_everything(seed)
     model = build(load_tiny())
     config = replace(MILTON_FINE_TUNE, steps=steps, warmup_steps=max(1, steps // 10), lr=lr, seed=seed,
                      block_size=BLOCK_SIZE, eval_every=steps)
     train(model, data["milton_train"], data["milton_val"], config, progress=False)
-    return {"method": method, "lr": lr, "seed": seed, "trainable_parameters": count_parameters(model)[0],
+    return {"method": method, **({"variant": variant} if variant else {}), "lr": lr, "seed": seed,
+            "trainable_parameters": count_parameters(model)[0],
             "milton_val_loss": evaluate(model, data["milton_val"], BLOCK_SIZE),
             "shakespeare_val_loss": evaluate(model, data["shakespeare_val"], BLOCK_SIZE)}
 
 
-def record_of(runs: list[dict], base: dict, start: float, quick: bool) -> dict:
+def merged(model):
+    """The plain model a method merges into, or None where it cannot merge."""
+    try:
+        return merge_lora(model) if lora_layers(model) else merge_peft(model)
+    except TypeError:
+        return None
+
+
+def latency(repeats: int) -> dict:
+    """Median seconds per forward pass of each method's model (untrained: the time does not
+    depend on the values), unmerged and merged, beside the base model, in interleaved rounds."""
+    tokens = torch.randint(0, load_tiny().config.vocab_size, LATENCY_SHAPE, generator=torch.Generator().manual_seed(0))
+    models = {"base": load_tiny()}
+    for method, (build, *_) in METHODS.items():
+        if method == "full":
+            continue
+        seed_everything(0)
+        models[method] = build(load_tiny())
+        seed_everything(0)
+        plain = merged(build(load_tiny()))
+        if plain is not None:
+            models[method + "_merged"] = plain
+    calls = {}
+    for name, model in models.items():
+        model.eval()
+        calls[name] = lambda model=model: model(tokens)
+    with torch.inference_mode():
+        seconds = interleaved_medians(calls, "cpu", repeats)
+    return {"batch_size": LATENCY_SHAPE[0], "seq_len": LATENCY_SHAPE[1], "repeats": repeats,
+            "median_seconds": seconds, "over_base": {k: v / seconds["base"] for k, v in seconds.items()}}
+
+
+def record_of(runs: list[dict], base: dict, start: float, quick: bool, timing: dict | None = None) -> dict:
     return {
         "benchmark": "peft_family",
         "command": COMMAND,
         "config": {"block_size": BLOCK_SIZE, "steps": MILTON_FINE_TUNE.steps, "n_virtual": N_VIRTUAL,
                    "n_prefix": N_PREFIX, "rank": RANK, "bottleneck": BOTTLENECK, "seeds": list(SEEDS), "quick": quick,
                    "methods": {m: {"lr_grid": grid, "mergeable": merges, "context_positions_used": positions}
-                               for m, (_, grid, merges, positions) in METHODS.items()}},
+                               for m, (_, grid, merges, positions) in METHODS.items()},
+                   "study_lr": STUDY_LR, "variants": VARIANTS},
         "base_model": base,
         "results": runs,
+        "latency": timing,
         "device": describe_device("cpu"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
@@ -83,30 +140,30 @@ def record_of(runs: list[dict], base: dict, start: float, quick: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="10 steps, one rate and one seed per method")
-    parser.add_argument("--out", type=Path, default=None, help="where to write results (--quick writes nothing by default)")
-    args = parser.parse_args(argv)
-    out = args.out if args.out is not None else (None if args.quick else OUT)
+    args = benchmark_arguments(__doc__, "10 steps, one rate and one seed per method").parse_args(argv)
+    out = out_path(args, OUT)
     start = time.time()
     data = {"milton_train": load_split("milton", "train"), "milton_val": load_split("milton", "val"),
             "shakespeare_val": load_split("shakespeare", "val")}
     pretrained = load_tiny()
     base = {"milton_val_loss": evaluate(pretrained, data["milton_val"], BLOCK_SIZE),
             "shakespeare_val_loss": evaluate(pretrained, data["shakespeare_val"], BLOCK_SIZE)}
-    runs = [] if args.quick or out is None or not out.is_file() else json.loads(out.read_text())["results"]
-    done = {(r["method"], r["lr"], r["seed"]) for r in runs}
+    previous = None if args.quick or out is None or not out.is_file() else json.loads(out.read_text())
+    runs = [] if previous is None else previous["results"]
+    done = {(r["method"], r.get("variant"), r["lr"], r["seed"]) for r in runs}
     steps = 10 if args.quick else MILTON_FINE_TUNE.steps
+    timing = latency(3 if args.quick else LATENCY_REPEATS)
+    print("forward pass over the base model's: " + ", ".join(f"{k} {v:.2f}" for k, v in timing["over_base"].items()))
 
-    def measure(method: str, lr: float, seed: int) -> None:
-        if (method, lr, seed) in done:
+    def measure(method: str, lr: float, seed: int, variant: str | None = None) -> None:
+        if (method, variant, lr, seed) in done:
             return
-        runs.append(run(method, lr, seed, steps, data))
-        done.add((method, lr, seed))
+        runs.append(run(method, lr, seed, steps, data, variant))
+        done.add((method, variant, lr, seed))
         r = runs[-1]
-        print(f"{method:8s} lr {lr:<7g} seed {seed}: Milton {r['milton_val_loss']:.4f}, "
+        print(f"{method:8s} {variant or '':14s} lr {lr:<7g} seed {seed}: Milton {r['milton_val_loss']:.4f}, "
               f"Shakespeare {r['shakespeare_val_loss']:.4f}, {r['trainable_parameters']:,} trained", flush=True)
-        save(record_of(runs, base, start, args.quick), out)
+        save(record_of(runs, base, start, args.quick, timing), out)
 
     for method, (_, grid, _, _) in METHODS.items():
         if args.quick:
@@ -126,7 +183,12 @@ def main(argv: list[str] | None = None) -> dict:
                 break
         for seed in SEEDS[1:]:  # the best rate, again
             measure(method, best, seed)
-    return record_of(runs, base, start, args.quick)
+    for variant in VARIANTS:
+        for seed in SEEDS[:1] if args.quick else SEEDS:
+            measure("lora", STUDY_LR, seed, variant)
+    record = record_of(runs, base, start, args.quick, timing)
+    save(record, out)
+    return record
 
 
 if __name__ == "__main__":

@@ -164,3 +164,86 @@ def test_adapters_are_refused_by_merge_peft(base):
 def test_bad_requests_are_refused(base, build, message):
     with pytest.raises((ValueError, TypeError), match=message):
         build(copy.deepcopy(base))
+
+
+# ---------------------------------------------------------------------------------------
+# The same methods in PEFT, on Hugging Face's GPT-2 (its weights copied into our GPT2)
+# ---------------------------------------------------------------------------------------
+
+
+def ours_and_hf():
+    from hf_models import small_hf_gpt2
+
+    from lora_edu.gpt2 import GPT2, GPT2Config, _load_state, state_dict_from_hf
+
+    hf = small_hf_gpt2()
+    c = hf.config
+    ours = GPT2(GPT2Config(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, dropout=0.0)).eval()
+    _load_state(ours, state_dict_from_hf(hf.state_dict()), "the small Hugging Face GPT-2")
+    idx = torch.randint(0, c.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
+    return ours, hf
+
+
+def test_prompt_tuning_equals_peft_prompt_tuning_on_hf_gpt2():
+    """PEFT's prompt tuning puts its virtual tokens first too; its logits include theirs, which we drop."""
+    import peft
+
+    ours, hf = ours_and_hf()
+    n = 4
+    theirs = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)).eval()
+    prompt = 0.3 * torch.randn(n, ours.config.n_embd, generator=torch.Generator().manual_seed(1))
+    tuned = PromptTuned(ours, n).eval()
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(prompt)
+        tuned.prompt.copy_(prompt)
+        idx = torch.randint(0, ours.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
+        want = theirs(input_ids=idx).logits[:, n:]
+        got = tuned(idx)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_ia3_equals_peft_ia3_with_the_queries_held_at_one_on_hf_gpt2():
+    """PEFT scales all of GPT-2's fused c_attn output; the paper (and we) scale keys and values only."""
+    import peft
+
+    ours, hf = ours_and_hf()
+    config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
+                            feedforward_modules=["mlp.c_proj"])
+    theirs = peft.get_peft_model(hf, config).eval()
+    add_ia3(ours)
+    width = ours.config.n_embd
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for i, block in enumerate(ours.transformer.h):
+            keys_values = 1 + 0.3 * torch.randn(2 * width, generator=g)
+            hidden = 1 + 0.3 * torch.randn(4 * width, generator=g)
+            block.attn.c_attn.scale.copy_(keys_values)
+            block.mlp.c_proj.scale.copy_(hidden)
+            theirs_block = theirs.base_model.model.transformer.h[i]
+            qkv = theirs_block.attn.c_attn.ia3_l["default"]
+            qkv.copy_(torch.cat([torch.ones(width), keys_values]).view(qkv.shape))
+            mlp = theirs_block.mlp.c_proj.ia3_l["default"]
+            mlp.copy_(hidden.view(mlp.shape))
+        idx = torch.randint(0, ours.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(ours(idx), theirs(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
+    # PEFT trains the queries' entries too: n_embd more numbers per layer than the paper's (IA)³
+    theirs_trained = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert count_parameters(ours)[0] == theirs_trained - width * ours.config.n_layer
+
+
+def test_the_benchmark_times_every_method_and_merges_exactly_those_it_calls_mergeable():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import peft_family as benchmark
+
+    timing = benchmark.latency(repeats=1)
+    methods = [m for m in benchmark.METHODS if m != "full"]
+    mergeable = [m for m in methods if benchmark.METHODS[m][2]]
+    assert set(timing["over_base"]) == {"base", *methods, *(m + "_merged" for m in mergeable)}
+    assert timing["over_base"]["base"] == 1 and all(t > 0 for t in timing["median_seconds"].values())

@@ -1,0 +1,147 @@
+"""Checkers for chapter 8's exercises: BitFit's count, (IA)³ merged into c_attn, prompt tuning's forward pass."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.gpt2 import GPT2, GPT2Config, load_tiny
+from lora_edu.peft_family import PromptTuned, ScaleOutput
+
+__all__ = ["check_bitfit_parameters", "check_ia3_merge", "check_prompt_tuned_logits"]
+
+
+def _models() -> dict[str, nn.Module]:
+    """The tiny GPT-2 and a smaller one of another shape, so that no count can be learned by heart."""
+    torch.manual_seed(0)
+    other = GPT2(GPT2Config(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=48))
+    return {"the tiny GPT-2": load_tiny(), "a 2-layer GPT2 of width 48": other}
+
+
+def check_bitfit_parameters(bitfit_parameters: Callable) -> None:
+    """Exercise 8.1: ``bitfit_parameters(model)``, how many numbers BitFit trains in a GPT2."""
+    for name, model in _models().items():
+        got = call_learner(bitfit_parameters, model)
+        params = dict(model.named_parameters())
+        want = sum(p.numel() for n, p in params.items() if n.endswith(".bias"))
+        if got == want:
+            continue
+        linear = sum(m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None)
+        norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+        in_blocks = sum(p.numel() for n, p in params.items() if n.endswith(".bias") and ".h." in n)
+        wrong = {
+            linear: "that counts the linear layers' biases only: every LayerNorm has a bias too",
+            want + sum(m.weight.numel() for m in norms): "that counts the LayerNorms' weights (their gains) as well: "
+                                                         "BitFit trains bias terms only",
+            sum(p.numel() for p in params.values()): "that is every parameter of the model",
+            in_blocks: "the final LayerNorm (transformer.ln_f) has a bias too",
+        }
+        hint = wrong.get(got, "count every parameter whose name ends in '.bias': linear layers and LayerNorms")
+        raise CheckFailed(f"For {name} BitFit trains {want:,} numbers, but you count {got!r}: {hint}.")
+    passed("Correct: BitFit trains every bias, the linear layers' and the LayerNorms', and nothing else.")
+
+
+def check_ia3_merge(merge_ia3_into_qkv: Callable) -> None:
+    """Exercise 8.2: ``merge_ia3_into_qkv(weight, bias, l_k, l_v)``: c_attn with (IA)³'s keys and values folded in."""
+    g = torch.Generator().manual_seed(0)
+    width = 6
+    weight = torch.randn(3 * width, width, generator=g, dtype=torch.float64)
+    bias = torch.randn(3 * width, generator=g, dtype=torch.float64)
+    l_k, l_v = (1 + 0.5 * torch.randn(width, generator=g, dtype=torch.float64) for _ in range(2))
+    layer = nn.Linear(width, 3 * width, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(weight), layer.bias.copy_(bias)
+    scaled = ScaleOutput(layer, start=width)
+    with torch.no_grad():
+        scaled.scale.copy_(torch.cat([l_k, l_v]))
+    x = torch.randn(5, width, generator=g, dtype=torch.float64)
+    want = scaled(x).detach()
+
+    answer = call_learner(merge_ia3_into_qkv, weight.clone(), bias.clone(), l_k.clone(), l_v.clone())
+    if not isinstance(answer, tuple) or len(answer) != 2:
+        raise CheckFailed("merge_ia3_into_qkv should return a pair (weight, bias).")
+    new_weight, new_bias = (expect_tensor(t, "merge_ia3_into_qkv") for t in answer)
+    if new_weight.shape != weight.shape or new_bias.shape != bias.shape:
+        raise CheckFailed(f"The merged weight and bias should keep their shapes {tuple(weight.shape)} and "
+                          f"{tuple(bias.shape)}, got {tuple(new_weight.shape)} and {tuple(new_bias.shape)}.")
+    got = x @ new_weight.double().T + new_bias.double()
+    if torch.allclose(got, want, atol=1e-10):
+        passed("Correct: the keys' and values' rows of W, and their entries of b, carry (IA)³'s vectors; "
+               "the queries are untouched, so the merged layer computes what (IA)³ computed.")
+        return
+    ones = torch.ones(width, dtype=torch.float64)
+    rows = torch.cat([ones, l_k, l_v])
+    candidates = [
+        (weight * rows[:, None], bias, "the bias must be scaled too: (IA)³ rescales the layer's whole output"),
+        (weight * torch.cat([l_k, l_v, ones])[:, None], bias * torch.cat([l_k, l_v, ones]),
+         "c_attn's output is (queries, keys, values) in that order: the vectors belong to the second and "
+         "third thirds, not the first two"),
+        (weight * torch.cat([ones, l_v, l_k])[:, None], bias * torch.cat([ones, l_v, l_k]),
+         "l_k goes with the keys (the second third) and l_v with the values (the last third)"),
+        (weight, bias, "nothing was scaled: the merged layer must multiply the keys by l_k and the values by l_v"),
+    ]
+    hint = next((h for w, b, h in candidates
+                 if torch.allclose(got, x @ w.T + b, atol=1e-10)),
+                "an nn.Linear weight is (out, in): an output feature is a row, so scale rows "
+                f"{width}..{3 * width - 1} of W (and the same entries of b) by l_k then l_v")
+    raise CheckFailed(f"Your merged layer's outputs are off by up to {(got - want).abs().max().item():.3g}: {hint}.")
+
+
+def check_prompt_tuned_logits(prompt_tuned_logits: Callable) -> None:
+    """Exercise 8.3: ``prompt_tuned_logits(model, prompt, idx)``, prompt tuning's forward pass."""
+    model = load_tiny().eval()
+    g = torch.Generator().manual_seed(0)
+    for n_virtual, shape in [(4, (2, 9)), (16, (3, 20))]:
+        reference = PromptTuned(model, n_virtual).eval()
+        with torch.no_grad():
+            reference.prompt.copy_(0.3 * torch.randn(n_virtual, model.config.n_embd, generator=g))
+        idx = torch.randint(0, model.config.vocab_size, shape, generator=g)
+        with torch.no_grad():
+            want = reference(idx)
+            got = expect_tensor(call_learner(prompt_tuned_logits, model, reference.prompt.detach().clone(), idx),
+                                "prompt_tuned_logits")
+        setting = f"{n_virtual} virtual tokens before {shape[1]} real ones"
+        if got.shape != want.shape:
+            hint = ("return the logits of the real tokens only: the virtual tokens' own predictions are dropped"
+                    if got.shape[1] == shape[1] + n_virtual else "one row of logits per real token")
+            raise CheckFailed(f"With {setting} the logits should have shape {tuple(want.shape)}, got "
+                              f"{tuple(got.shape)}: {hint}.")
+        if torch.allclose(got, want, atol=1e-4):
+            continue
+        with torch.no_grad():
+            full = _forward(model, reference.prompt, idx, shift_positions=True, prompt_first=True)
+            restarted = _forward(model, reference.prompt, idx, shift_positions=False, prompt_first=True)
+            after = _forward(model, reference.prompt, idx, shift_positions=True, prompt_first=False)
+        wrong = [
+            (full[:, :shape[1]], "you kept the first positions' logits, which are the virtual tokens' and the "
+                                 "first real ones'; keep the last T, x[:, n_virtual:]"),
+            (restarted[:, n_virtual:], "the real tokens' positions must follow the virtual ones (n_virtual, ..., "
+                                       "n_virtual + T - 1): the prompt takes the first positions of the context"),
+            (after[:, :shape[1]], "the virtual tokens go before the input, not after it"),
+        ]
+        hint = next((h for w, h in wrong if w.shape == got.shape and torch.allclose(got, w, atol=1e-4)),
+                    "put the prompt before the tokens' embeddings, add position embeddings 0 .. n_virtual + T - 1, "
+                    "run every block, ln_f and lm_head, and keep the real tokens' logits")
+        raise CheckFailed(f"With {setting} your logits are off by up to {(got - want).abs().max().item():.3g}: "
+                          f"{hint}.")
+    passed("Correct: the learned embeddings come first, take the first positions, and only the real tokens' "
+           "logits are kept.")
+
+
+def _forward(model: nn.Module, prompt: torch.Tensor, idx: torch.Tensor, shift_positions: bool,
+             prompt_first: bool) -> torch.Tensor:
+    """Prompt tuning's forward pass, right or with one of the usual mistakes; all positions' logits."""
+    n, T = prompt.shape[0], idx.shape[1]
+    tokens = model.transformer.wte(idx)
+    virtual = prompt.expand(idx.shape[0], -1, -1)
+    wpe = model.transformer.wpe
+    if shift_positions:
+        x = torch.cat([virtual, tokens] if prompt_first else [tokens, virtual], dim=1) + wpe(torch.arange(n + T))
+    else:
+        x = torch.cat([virtual + wpe(torch.arange(n)), tokens + wpe(torch.arange(T))], dim=1)
+    for block in model.transformer.h:
+        x = block(x)
+    return model.lm_head(model.transformer.ln_f(x))

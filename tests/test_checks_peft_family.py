@@ -1,0 +1,155 @@
+"""Chapter 8's checkers accept the right answers and reject wrong ones with a useful sentence."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora_edu.checks import CheckFailed
+from lora_edu.checks.peft_family import check_bitfit_parameters, check_ia3_merge, check_prompt_tuned_logits
+from lora_edu.peft_family import PromptTuned, add_bitfit
+from lora_edu.lora import count_parameters
+
+
+def stub(*args):
+    raise NotImplementedError("Exercise hint")
+
+
+def expect(check, fn, message):
+    with pytest.raises(CheckFailed, match=message):
+        check(fn)
+
+
+# --- Exercise 8.1: BitFit's count ---
+
+def bitfit_right(model):
+    return sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
+
+
+def bitfit_by_the_package(model):
+    return count_parameters(add_bitfit(model))[0]
+
+
+WRONG_BITFIT = {
+    "linear biases only": (lambda m: sum(x.bias.numel() for x in m.modules() if isinstance(x, nn.Linear)
+                                         and x.bias is not None), "LayerNorm has a bias"),
+    "LayerNorm gains too": (lambda m: bitfit_right(m) + sum(x.weight.numel() for x in m.modules()
+                                                            if isinstance(x, nn.LayerNorm)), "gains"),
+    "every parameter": (lambda m: sum(p.numel() for p in m.parameters()), "every parameter"),
+    "blocks only": (lambda m: sum(p.numel() for n, p in m.named_parameters() if n.endswith(".bias") and ".h." in n),
+                    "ln_f"),
+    "the tiny model's number by heart": (lambda m: 5760, "For a 2-layer GPT2"),
+    "stub": (stub, "still the stub"),
+}
+
+
+@pytest.mark.parametrize("right", [bitfit_right, bitfit_by_the_package])
+def test_bitfit_accepts(right, capsys):
+    check_bitfit_parameters(right)
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+@pytest.mark.parametrize("name", WRONG_BITFIT)
+def test_bitfit_rejects(name):
+    expect(check_bitfit_parameters, *WRONG_BITFIT[name])
+
+
+# --- Exercise 8.2: (IA)³ merged into c_attn ---
+
+def ia3_right(weight, bias, l_k, l_v):
+    rows = torch.cat([torch.ones_like(l_k), l_k, l_v])
+    return weight * rows[:, None], bias * rows
+
+
+def ia3_in_place(weight, bias, l_k, l_v):
+    width = l_k.numel()
+    weight[width:2 * width] *= l_k[:, None]
+    weight[2 * width:] *= l_v[:, None]
+    bias[width:2 * width] *= l_k
+    bias[2 * width:] *= l_v
+    return weight, bias
+
+
+def scaled_rows(first, second, third, bias_too=True):
+    def merge(weight, bias, l_k, l_v):
+        parts = {"1": torch.ones_like(l_k), "k": l_k, "v": l_v}
+        rows = torch.cat([parts[first], parts[second], parts[third]])
+        return weight * rows[:, None], bias * rows if bias_too else bias
+    return merge
+
+
+WRONG_IA3 = {
+    "bias not scaled": (scaled_rows("1", "k", "v", bias_too=False), "bias must be scaled"),
+    "queries and keys": (scaled_rows("k", "v", "1"), "second and third thirds"),
+    "keys and values swapped": (scaled_rows("1", "v", "k"), "l_k goes with the keys"),
+    "nothing scaled": (lambda w, b, k, v: (w, b), "nothing was scaled"),
+    "columns": (lambda w, b, k, v: (w * k[None, :], b), "a row"),
+    "transposed": (lambda w, b, k, v: (ia3_right(w, b, k, v)[0].T, b), "keep their shapes"),
+    "one tensor": (lambda w, b, k, v: w, "pair"),
+    "stub": (stub, "still the stub"),
+}
+
+
+@pytest.mark.parametrize("right", [ia3_right, ia3_in_place])
+def test_ia3_accepts(right, capsys):
+    check_ia3_merge(right)
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+@pytest.mark.parametrize("name", WRONG_IA3)
+def test_ia3_rejects(name):
+    expect(check_ia3_merge, *WRONG_IA3[name])
+
+
+# --- Exercise 8.3: prompt tuning's forward pass ---
+
+def prompt_right(model, prompt, idx):
+    n, T = prompt.shape[0], idx.shape[1]
+    x = torch.cat([prompt.expand(idx.shape[0], -1, -1), model.transformer.wte(idx)], dim=1)
+    x = x + model.transformer.wpe(torch.arange(n + T))
+    for block in model.transformer.h:
+        x = block(x)
+    return model.lm_head(model.transformer.ln_f(x[:, n:]))
+
+
+def prompt_by_the_package(model, prompt, idx):
+    tuned = PromptTuned(model, prompt.shape[0])
+    with torch.no_grad():
+        tuned.prompt.copy_(prompt)
+    return tuned(idx)
+
+
+def prompt_variant(keep, restart_positions=False, after=False):
+    def forward(model, prompt, idx):
+        n, T = prompt.shape[0], idx.shape[1]
+        virtual, tokens = prompt.expand(idx.shape[0], -1, -1), model.transformer.wte(idx)
+        wpe = model.transformer.wpe
+        if restart_positions:
+            x = torch.cat([virtual + wpe(torch.arange(n)), tokens + wpe(torch.arange(T))], dim=1)
+        else:
+            x = torch.cat([tokens, virtual] if after else [virtual, tokens], dim=1) + wpe(torch.arange(n + T))
+        for block in model.transformer.h:
+            x = block(x)
+        logits = model.lm_head(model.transformer.ln_f(x))
+        return {"all": logits, "first": logits[:, :T], "last": logits[:, n:]}[keep]
+    return forward
+
+
+WRONG_PROMPT = {
+    "every position": (prompt_variant("all"), "real tokens only"),
+    "the first T": (prompt_variant("first"), "keep the last T"),
+    "positions restart": (prompt_variant("last", restart_positions=True), "follow the virtual ones"),
+    "prompt after the input": (prompt_variant("first", after=True), "before the input"),
+    "no prompt": (lambda model, prompt, idx: model(idx), "off by"),
+    "stub": (stub, "still the stub"),
+}
+
+
+@pytest.mark.parametrize("right", [prompt_right, prompt_by_the_package])
+def test_prompt_accepts(right, capsys):
+    check_prompt_tuned_logits(right)
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+@pytest.mark.parametrize("name", WRONG_PROMPT)
+def test_prompt_rejects(name):
+    expect(check_prompt_tuned_logits, *WRONG_PROMPT[name])
