@@ -14,6 +14,9 @@ weights (then serving costs nothing extra) or not:
 - **Prefix tuning** (Li and Liang, 2021) learns ``n_prefix`` keys and values for every
   attention layer, which every real token can attend to. Again not a weight: it cannot
   merge, and the model starts changed (attention is shared with the prefix).
+- **VeRA** (Kopiczko et al., 2024) is LoRA with A and B frozen, random and shared by every
+  layer; each layer trains only two vectors, ``d`` (one per rank) and ``b`` (one per
+  output), in ``b * B (d * (A x))``. Its update is a matrix like LoRA's, so it merges.
 
 Serial adapters are :mod:`lora_edu.adapters`; LoRA and DoRA are :mod:`lora_edu.lora`
 and :mod:`lora_edu.dora`. :func:`merge_peft` merges what can be merged and refuses the
@@ -21,6 +24,8 @@ rest by name.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -33,10 +38,13 @@ __all__ = [
     "PromptTuned",
     "ScaleInput",
     "ScaleOutput",
+    "VeRALinear",
     "add_bitfit",
     "add_ia3",
     "add_prefix_tuning",
+    "add_vera",
     "merge_peft",
+    "vera_projections",
 ]
 
 
@@ -232,8 +240,82 @@ def add_prefix_tuning(model: nn.Module, n_prefix: int, seed: int = 0) -> nn.Modu
     return model
 
 
+def vera_projections(r: int, max_in: int, max_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's shared frozen A (r, max_in) and B (max_out, r): Kaiming-uniform, A first, from one
+    CPU generator seeded with ``seed`` (PEFT's ``projection_prng_key``), so the same seed gives
+    PEFT's matrices and an adapter need not store them."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def kaiming_uniform(shape):
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])  # gain sqrt(2), fan_in = shape[1]
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+    A = kaiming_uniform((r, max_in))
+    return A, kaiming_uniform((max_out, r))
+
+
+class VeRALinear(nn.Module):
+    """``layer(x) + b * B (d * (A x))`` (VeRA): A and B frozen and shared, d and b trained.
+
+    Every layer slices the shared matrices to its own shape, ``A[:, :in]`` and ``B[:out]``;
+    ``d`` starts at ``d_initial`` and ``b`` at zero, so the layer starts as ``layer``.
+    """
+
+    def __init__(self, layer: nn.Linear, A: torch.Tensor, B: torch.Tensor, d_initial: float = 0.1):
+        super().__init__()
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"layer must be an nn.Linear, got {type(layer).__name__}")
+        if A.shape[1] < layer.in_features or B.shape[0] < layer.out_features or A.shape[0] != B.shape[1]:
+            raise ValueError(f"A must be (r, >= {layer.in_features}) and B (>= {layer.out_features}, r), got "
+                             f"{tuple(A.shape)} and {tuple(B.shape)}")
+        self.layer = layer
+        kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+        # not saved with the model: the seed rebuilds them (they are shared, and would be saved once per layer)
+        self.register_buffer("A", A[:, : layer.in_features].to(**kw), persistent=False)
+        self.register_buffer("B", B[: layer.out_features].to(**kw), persistent=False)
+        self.d = nn.Parameter(torch.full((A.shape[0],), float(d_initial), **kw))
+        self.b = nn.Parameter(torch.zeros(layer.out_features, **kw))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x) + self.b * F.linear(self.d * F.linear(x, self.A), self.B)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The plain layer that computes the same: W + diag(b) B diag(d) A."""
+        self.layer.weight += (self.b[:, None] * self.B) @ (self.d[:, None] * self.A)
+        return self.layer
+
+
+VERA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int = 0,
+             targets: tuple[str, ...] = VERA_TARGETS) -> nn.Module:
+    """VeRA in place on every block's ``targets``: one pair of random matrices for all of them.
+
+    Trains ``r + out_features`` numbers per adapted layer. ``seed`` fixes the shared matrices
+    (PEFT's ``projection_prng_key``); with the same seed and targets this is PEFT's ``VeraConfig``.
+    """
+    blocks = _blocks(model)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if not targets or any(t not in VERA_TARGETS for t in targets):
+        raise ValueError(f"targets must be a non-empty subset of {VERA_TARGETS}, got {targets!r}")
+    layers = [(block, name) for block in blocks for name in targets]
+    if any(isinstance(block.get_submodule(name), VeRALinear) for block, name in layers):
+        raise ValueError("model already has VeRA layers; build them on a fresh copy of the model")
+    _freeze(model)
+    shapes = [block.get_submodule(name).weight.shape for block, name in layers]
+    A, B = vera_projections(r, max(s[1] for s in shapes), max(s[0] for s in shapes), seed)
+    for block, name in layers:
+        parent, child = name.rsplit(".", 1)
+        owner = block.get_submodule(parent)
+        setattr(owner, child, VeRALinear(getattr(owner, child), A, B, d_initial))
+    return model
+
+
 def merge_peft(model: nn.Module) -> nn.Module:
-    """Merge (IA)³ vectors into the weights, in place; BitFit needs nothing. Refuses what cannot merge.
+    """Merge (IA)³ vectors and VeRA into the weights, in place; BitFit needs nothing. Refuses what cannot merge.
 
     Prompt tuning, prefix tuning and serial adapters add inputs, attention entries or layers
     that no change of the existing weights can reproduce: they raise a TypeError that says so.
@@ -253,4 +335,9 @@ def merge_peft(model: nn.Module) -> nn.Module:
             block.attn.c_attn = block.attn.c_attn.merged()
         if isinstance(block.mlp.c_proj, ScaleInput):
             block.mlp.c_proj = block.mlp.c_proj.merged()
+        for name in VERA_TARGETS:
+            parent, child = name.rsplit(".", 1)
+            owner = block.get_submodule(parent)
+            if isinstance(getattr(owner, child), VeRALinear):
+                setattr(owner, child, getattr(owner, child).merged())
     return model

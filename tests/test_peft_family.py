@@ -247,3 +247,77 @@ def test_the_benchmark_times_every_method_and_merges_exactly_those_it_calls_merg
     mergeable = [m for m in methods if benchmark.METHODS[m][2]]
     assert set(timing["over_base"]) == {"base", *methods, *(m + "_merged" for m in mergeable)}
     assert timing["over_base"]["base"] == 1 and all(t > 0 for t in timing["median_seconds"].values())
+
+
+# ---------------------------------------------------------------------------------------
+# VeRA: LoRA with frozen, shared, random A and B, and two trained vectors per layer
+# ---------------------------------------------------------------------------------------
+
+
+def test_vera_starts_as_the_base_trains_two_vectors_per_layer_and_merges_exactly(base):
+    from lora_edu.peft_family import VeRALinear, add_vera
+
+    model = add_vera(copy.deepcopy(base), r=16).eval()
+    with torch.no_grad():
+        assert torch.equal(model(IDX), base(IDX))
+    layers = [m for m in model.modules() if isinstance(m, VeRALinear)]
+    assert len(layers) == 16
+    assert layers[0].A.data_ptr() == layers[4].A.data_ptr()  # one matrix in memory, shared by the blocks
+    assert count_parameters(model)[0] == sum(16 + layer.layer.out_features for layer in layers)
+    # b starts at 0, so d gets no gradient at first (as LoRA's A when B = 0): two steps
+    first, second = one_step_changes(model), one_step_changes(model)
+    assert first == {n for n, _ in model.named_parameters() if n.endswith(".b")}
+    assert first | second == {n for n, _ in model.named_parameters() if n.endswith((".d", ".b"))}
+    with torch.no_grad():
+        for layer in layers:
+            layer.d.normal_(), layer.b.normal_(std=0.1)
+        before = model(IDX)
+        merged = merge_peft(model)
+        assert not any(isinstance(m, VeRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(IDX), before, atol=1e-4, rtol=1e-4)
+
+
+def test_vera_equals_peft_vera_on_hf_gpt2_with_the_same_projection_seed():
+    import peft
+
+    from lora_edu.peft_family import VeRALinear, add_vera
+
+    ours, hf = ours_and_hf()
+    config = peft.VeraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"], projection_prng_key=3,
+                             fan_in_fan_out=True)
+    theirs = peft.get_peft_model(hf, config).eval()
+    add_vera(ours, r=8, seed=3).eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, VeRALinear):
+                module.d.copy_(torch.randn(module.d.shape, generator=g))
+                module.b.copy_(0.1 * torch.randn(module.b.shape, generator=g))
+                twin = theirs.base_model.model.get_submodule(name)
+                twin.vera_lambda_d["default"].copy_(module.d)
+                twin.vera_lambda_b["default"].copy_(module.b)
+        idx = torch.randint(0, ours.config.vocab_size, (2, 9), generator=g)
+        torch.testing.assert_close(ours(idx), theirs(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
+    trained = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert count_parameters(ours)[0] == trained
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r=0), "r must be a positive int"),
+    (dict(r=True), "r must be a positive int"),
+    (dict(targets=("attn.c_attn", "lm_head")), "targets must be a non-empty subset"),
+    (dict(targets=()), "targets must be a non-empty subset"),
+])
+def test_vera_refuses_bad_arguments_by_name(base, kwargs, message):
+    from lora_edu.peft_family import add_vera
+
+    with pytest.raises(ValueError, match=message):
+        add_vera(copy.deepcopy(base), **kwargs)
+
+
+def test_vera_twice_is_refused(base):
+    from lora_edu.peft_family import add_vera
+
+    model = add_vera(copy.deepcopy(base), r=4)
+    with pytest.raises(ValueError, match="already has VeRA"):
+        add_vera(model, r=4)
