@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import copy
 import gc
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 
 import torch
 import torch.nn as nn
@@ -37,10 +35,9 @@ import torch.nn as nn
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, merge_lora
 from lora_edu.qlora import saved_activation_bytes
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "dora_overhead.json", "cpu": RESULTS_DIR / "dora_overhead_cpu.json"}
-COMMAND = "python benchmarks/dora_overhead.py"
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 R, ALPHA, LR = 8, 16, 1e-4
 GPU = {"preset": "gpt2", "batch_size": 8, "seq_len": 512, "rounds": 5, "steps": 5}
@@ -139,14 +136,6 @@ def time_inference(models: dict, tokens: torch.Tensor, plan: dict) -> dict[str, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def versions() -> dict:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-            "transformers": transformers.__version__}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = benchmark_arguments(__doc__, "the tiny model, a few steps: a smoke test")
     args = parser.parse_args(argv)
@@ -206,19 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{device} {row['part']:9s} {row['method']:14s} {row['median_seconds'] * 1e3:9.1f} ms{extra}")
     for key, value in ratios.items():
         print(f"{key:38s} {value:.3f}")
-    record = {
-        "benchmark": "dora_overhead",
-        "command": COMMAND,
-        "config": {**plan, "quick": args.quick, "r": R, "alpha": ALPHA, "targets": TARGETS, "dtype": "float32",
-                   "statistic": "median seconds per training step (forward, backward, AdamW) or per forward "
-                                "pass (inference_mode), over interleaved rounds"},
-        "results": rows,
-        "ratios": ratios,
-        "device": describe_device(device),
-        "versions": versions(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
+    config = {**plan, "quick": args.quick, "r": R, "alpha": ALPHA, "targets": TARGETS, "dtype": "float32",
+              "statistic": "median seconds per training step (forward, backward, AdamW) or per forward "
+                           "pass (inference_mode), over interleaved rounds"}
+    record = run_record("dora_overhead", config, rows, device=device, start=start,
+                        libraries=("peft", "transformers"), ratios=ratios)
     save(record, out)
     return record
 

@@ -16,20 +16,17 @@ drift on the machine hits every model alike; ratios are to the base model in the
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 
 import torch
 
 from lora_edu.adapters import adapter_parameters, add_serial_adapters
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters, merge_lora
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "lora_latency.json", "cpu": RESULTS_DIR / "lora_latency_cpu.json"}
-COMMAND = "python benchmarks/lora_latency.py"
 GPU = {"preset": "gpt2-medium", "settings": [(32, 512), (16, 256), (1, 128)], "rounds": 5, "repeats": 20,
        "lora_r": 4, "bottleneck": {"adapter_l": 10, "adapter_h": 5}}
 CPU = {"preset": "gpt2", "settings": [(1, 128)], "rounds": 5, "repeats": 5,
@@ -108,17 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
             })
             print(f"{device} batch {batch_size:2d} x {seq_len:3d}  {name:14s} {latency[name] * 1e3:8.2f} ms  "
                   f"{latency[name] / latency['base']:.3f} x base", flush=True)
-    record = {
-        "benchmark": "lora_latency",
-        "command": COMMAND,
-        "config": {**plan, "quick": args.quick, "dtype": str(dtype).removeprefix("torch."),
-                   "statistic": "median seconds per forward pass over interleaved rounds, torch.inference_mode"},
-        "results": rows,
-        "device": describe_device(device),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
+    config = {**plan, "quick": args.quick, "dtype": str(dtype).removeprefix("torch."),
+              "statistic": "median seconds per forward pass over interleaved rounds, torch.inference_mode"}
+    record = run_record("lora_latency", config, rows, device=device, start=start)
     save(record, out)
     return record
 

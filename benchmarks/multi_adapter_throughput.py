@@ -26,22 +26,19 @@ compare across methods.
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 from lora_edu.serving import MultiAdapterModel
 
 OUT = {"cuda": RESULTS_DIR / "multi_adapter_throughput.json", "cpu": RESULTS_DIR / "multi_adapter_throughput_cpu.json"}
-COMMAND = "python benchmarks/multi_adapter_throughput.py"
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 R, ALPHA, POOL, ZIPF = 8, 16, 64, 1.5
 CPU = {"shapes": {"tiny": {"batch_size": 64, "seq_len": 32, "adapters": [1, 2, 4, 8, 16, 32, 64]},
@@ -218,22 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         for shape, shape_plan in plan["shapes"].items():
             rows += measure_shape(shape, shape_plan, plan["rounds"], device, Path(folder))
-    import peft
-    import transformers
-
-    record = {
-        "benchmark": "multi_adapter_throughput",
-        "command": COMMAND,
-        "config": {**plan, "quick": args.quick, "pool_adapters": POOL, "r": R, "alpha": ALPHA, "targets": TARGETS,
-                   "zipf_exponent": ZIPF, "dtype": "float32",
-                   "statistic": "median seconds per forward pass of the batch, torch.inference_mode, interleaved"},
-        "results": rows,
-        "device": describe_device(device),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "peft": peft.__version__,
-                     "transformers": transformers.__version__},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
+    config = {**plan, "quick": args.quick, "pool_adapters": POOL, "r": R, "alpha": ALPHA, "targets": TARGETS,
+              "zipf_exponent": ZIPF, "dtype": "float32",
+              "statistic": "median seconds per forward pass of the batch, torch.inference_mode, interleaved"}
+    record = run_record("multi_adapter_throughput", config, rows, device=device, start=start,
+                        libraries=("peft", "transformers"))
     save(record, out)
     return record
 

@@ -19,18 +19,15 @@ and the zero-block, tie and partial-block cases are compared on every device.
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
-from datetime import datetime, timezone
 
 import torch
 
 from lora_edu.nf4 import dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 
 OUT = {"cpu": RESULTS_DIR / "nf4_throughput.json", "cuda": RESULTS_DIR / "nf4_throughput_cuda.json"}
-COMMAND = "python benchmarks/nf4_throughput.py"
 BLOCKSIZE = 64
 FULL = {"shapes": [(256, 4096), (4096, 4096)], "repeats": 7}
 QUICK = {"shapes": [(16, 256), (64, 256)], "repeats": 3}
@@ -183,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     default_out = OUT["cuda"] if "cuda" in devices else OUT["cpu"]
     out = out_path(args, default_out)
 
-    import bitsandbytes
+    import bitsandbytes  # noqa: F401  (missing: fail before measuring, not after)
 
     start = time.time()
     results, cases, bandwidth = [], [], {}
@@ -195,26 +192,15 @@ def main(argv: list[str] | None = None) -> dict:
             for dtype in (torch.float32, torch.bfloat16):
                 for double_quant in (False, True):
                     results += measure(device, shape, dtype, double_quant, plan["repeats"], bandwidth[device])
-    record = {
-        "benchmark": "nf4_throughput",
-        "command": COMMAND,
-        "config": {
-            "quick": args.quick, "blocksize": BLOCKSIZE, "repeats": plan["repeats"], "shapes": plan["shapes"],
-            "statistic": "median of interleaved runs",
-            "bytes_moved": "weight + packed 4-bit bytes + absmax statistics",
-            "copy_bandwidth": "float32 copy into an existing buffer, bytes read + written per second",
-        },
-        "results": results,
-        "summary": summary(results),
-        "copy_bytes_per_second": bandwidth,
-        "edge_cases": cases,
-        "device": describe_device("cuda" if "cuda" in devices else "cpu"),
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-        },
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
+    config = {
+        "quick": args.quick, "blocksize": BLOCKSIZE, "repeats": plan["repeats"], "shapes": plan["shapes"],
+        "statistic": "median of interleaved runs",
+        "bytes_moved": "weight + packed 4-bit bytes + absmax statistics",
+        "copy_bandwidth": "float32 copy into an existing buffer, bytes read + written per second",
     }
+    record = run_record("nf4_throughput", config, results, device="cuda" if "cuda" in devices else "cpu",
+                        start=start, libraries=("bitsandbytes",), summary=summary(results),
+                        copy_bytes_per_second=bandwidth, edge_cases=cases)
     for row in record["summary"]:
         print(f"{row['device']}: dequantize_nf4_fast / bitsandbytes: worst {row['min_speed_ratio']:.2f}, "
               f"median {row['median_speed_ratio']:.2f}")

@@ -26,10 +26,8 @@ Resumable: the record is written after every run, and runs already in it are ski
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 
 import torch
 
@@ -39,11 +37,10 @@ from lora_edu.gpt2 import load_tiny
 from lora_edu.lora import add_lora, count_parameters, lora_layers, merge_lora
 from lora_edu.peft_family import PromptTuned, add_bitfit, add_ia3, add_prefix_tuning, add_vera, merge_peft
 from nf4_throughput import interleaved_medians
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
 
 OUT = RESULTS_DIR / "peft_family.json"
-COMMAND = "python benchmarks/peft_family.py"
 BLOCK_SIZE, N_VIRTUAL, N_PREFIX, RANK, BOTTLENECK, VERA_RANK = 112, 16, 8, 8, 8, 256
 SEEDS = (0, 1, 2)
 # name: (how to build it from the pretrained model, learning-rate grid, mergeable, context positions used)
@@ -124,23 +121,13 @@ def latency(repeats: int) -> dict:
 
 
 def record_of(runs: list[dict], base: dict, start: float, quick: bool, timing: dict | None = None) -> dict:
-    return {
-        "benchmark": "peft_family",
-        "command": COMMAND,
-        "config": {"block_size": BLOCK_SIZE, "steps": MILTON_FINE_TUNE.steps, "n_virtual": N_VIRTUAL,
-                   "n_prefix": N_PREFIX, "rank": RANK, "bottleneck": BOTTLENECK, "vera_rank": VERA_RANK,
-                   "seeds": list(SEEDS), "quick": quick,
-                   "methods": {m: {"lr_grid": grid, "mergeable": merges, "context_positions_used": positions}
-                               for m, (_, grid, merges, positions) in METHODS.items()},
-                   "study_lr": STUDY_LR, "variants": VARIANTS},
-        "base_model": base,
-        "results": runs,
-        "latency": timing,
-        "device": describe_device("cpu"),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
+    config = {"block_size": BLOCK_SIZE, "steps": MILTON_FINE_TUNE.steps, "n_virtual": N_VIRTUAL,
+              "n_prefix": N_PREFIX, "rank": RANK, "bottleneck": BOTTLENECK, "vera_rank": VERA_RANK,
+              "seeds": list(SEEDS), "quick": quick,
+              "methods": {m: {"lr_grid": grid, "mergeable": merges, "context_positions_used": positions}
+                          for m, (_, grid, merges, positions) in METHODS.items()},
+              "study_lr": STUDY_LR, "variants": VARIANTS}
+    return run_record("peft_family", config, runs, device="cpu", start=start, base_model=base, latency=timing)
 
 
 def main(argv: list[str] | None = None) -> dict:

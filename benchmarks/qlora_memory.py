@@ -31,11 +31,9 @@ would hold, so the CPU run measures those.
 from __future__ import annotations
 
 import gc
-import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -51,10 +49,9 @@ from lora_edu.qlora import (
     quantize_model,
     saved_activation_bytes,
 )
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, describe_device, out_path, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "qlora_memory.json", "cpu": RESULTS_DIR / "qlora_memory_cpu.json"}
-COMMAND = "python benchmarks/qlora_memory.py"
 METHODS = ("full", "lora_bf16", "qlora_lora_edu", "qlora_lora_edu_bnb", "qlora_peft")
 GPU = {"presets": ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"], "seq_len": 512, "batch_size": 4,
        "warmup_steps": 2, "timed_steps": 10}
@@ -216,15 +213,6 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def versions() -> dict:
-    import bitsandbytes
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "peft": peft.__version__, "transformers": transformers.__version__}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = benchmark_arguments(__doc__, "the tiny model, a few steps: a smoke test")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -238,20 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     rows = []
 
+    config = {**plan, "quick": args.quick, "lora": QLORA_LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM,
+              "statistic": "median seconds per step over the timed steps",
+              "peak_memory": "torch.cuda.max_memory_allocated after building the model, over all steps"}
+
     def record_of(rows: list[dict]) -> dict:
-        return {
-            "benchmark": "qlora_memory",
-            "command": COMMAND,
-            "config": {**plan, "quick": args.quick, "lora": QLORA_LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM,
-                       "statistic": "median seconds per step over the timed steps",
-                       "peak_memory": "torch.cuda.max_memory_allocated after building the model, over all steps"},
-            "results": rows,
-            "ratios_lora_edu_over_peft": ratios(rows),
-            "device": describe_device(device),
-            "versions": versions(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "wall_seconds": round(time.time() - start),
-        }
+        return run_record("qlora_memory", config, rows, device=device, start=start,
+                          libraries=("bitsandbytes", "peft", "transformers"), ratios_lora_edu_over_peft=ratios(rows))
 
     with tempfile.TemporaryDirectory() as tmp:
         for preset in plan["presets"]:

@@ -1,4 +1,4 @@
-"""LoRA's relatives, on the book's GPT2: BitFit, (IA)³, prompt tuning and prefix tuning.
+"""LoRA's relatives, on the book's GPT2: BitFit, (IA)³, prompt tuning, prefix tuning and VeRA.
 
 Each is small enough to read, and each says whether it can be merged into the model's
 weights (then serving costs nothing extra) or not:
@@ -308,10 +308,13 @@ def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int =
     shapes = [block.get_submodule(name).weight.shape for block, name in layers]
     A, B = vera_projections(r, max(s[1] for s in shapes), max(s[0] for s in shapes), seed)
     for block, name in layers:
-        parent, child = name.rsplit(".", 1)
-        owner = block.get_submodule(parent)
-        setattr(owner, child, VeRALinear(getattr(owner, child), A, B, d_initial))
+        _replace(block, name, VeRALinear(block.get_submodule(name), A, B, d_initial))
     return model
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
 
 
 def merge_peft(model: nn.Module) -> nn.Module:
@@ -330,14 +333,9 @@ def merge_peft(model: nn.Module) -> nn.Module:
         if isinstance(module, SerialAdapter):
             raise TypeError("serial adapters cannot be merged: each is a small network with a nonlinearity, in "
                             "series with the model")
-    for block in _blocks(model):
-        if isinstance(block.attn.c_attn, ScaleOutput):
-            block.attn.c_attn = block.attn.c_attn.merged()
-        if isinstance(block.mlp.c_proj, ScaleInput):
-            block.mlp.c_proj = block.mlp.c_proj.merged()
-        for name in VERA_TARGETS:
-            parent, child = name.rsplit(".", 1)
-            owner = block.get_submodule(parent)
-            if isinstance(getattr(owner, child), VeRALinear):
-                setattr(owner, child, getattr(owner, child).merged())
+    _blocks(model)
+    mergeable = [(name, module) for name, module in model.named_modules()
+                 if isinstance(module, (ScaleOutput, ScaleInput, VeRALinear))]
+    for name, module in mergeable:  # each wraps a linear layer, which it rewrites and hands back
+        _replace(model, name, module.merged())
     return model

@@ -37,3 +37,18 @@ def test_save_writes_json_and_nothing_without_a_path(tmp_path):
     out = tmp_path / "sub" / "r.json"
     results.save({"a": 1}, out)
     assert json.loads(out.read_text()) == {"a": 1}
+
+
+def test_a_run_record_says_what_ran_where_with_which_versions_and_when():
+    import time
+
+    import torch
+
+    record = results.run_record("lora_latency", {"quick": True}, [{"x": 1}], device="cpu", start=time.time() - 2,
+                                libraries=("numpy",), ratios={"a": 1.5})
+    assert list(record) == ["benchmark", "command", "config", "results", "ratios", "device", "versions", "date",
+                            "wall_seconds"]
+    assert record["command"] == "python benchmarks/lora_latency.py"
+    assert (Path(__file__).resolve().parents[1] / "benchmarks" / "lora_latency.py").is_file()
+    assert record["versions"]["torch"] == torch.__version__ and "numpy" in record["versions"]
+    assert record["wall_seconds"] >= 2 and len(record["date"]) == 10

@@ -9,12 +9,15 @@ checkout and on Colab, where the installed package is all there is.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "benchmark_arguments", "describe_device", "load", "names", "out_path", "save"]
+__all__ = ["RESULTS_DIR", "benchmark_arguments", "describe_device", "load", "names", "out_path", "run_record", "save"]
 
 RESULTS_DIR = Path(__file__).resolve().parent
 
@@ -40,6 +43,20 @@ def describe_device(device: str) -> str:
 
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     return f"{torch.cuda.get_device_name()}; CPU {cpu}" if device == "cuda" else cpu
+
+
+def run_record(benchmark: str, config: dict, results: list, *, device: str, start: float,
+               libraries: tuple[str, ...] = (), **measured) -> dict:
+    """A run of ``benchmarks/<benchmark>.py`` as a record: its config and results (and any other
+    ``measured`` entries), then what every record says: the command, the device, the versions
+    of Python, torch and ``libraries``, the date, and the seconds since ``start``."""
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                **{name: importlib.import_module(name).__version__ for name in libraries}}
+    return {"benchmark": benchmark, "command": f"python benchmarks/{benchmark}.py", "config": config,
+            "results": results, **measured, "device": describe_device(device), "versions": versions,
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "wall_seconds": round(time.time() - start)}
 
 
 def save(record: dict, out: Path | None) -> None:
