@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make book   set up .venv and build the HTML book into _build/html
 #   make test   set up .venv and run every check (what CI runs)
+#   make kernels  every notebook again, computing as another CPU would (CI runs it too)
 # Others: make lab (JupyterLab for the exercises), make notebooks (re-execute and
 # re-generate after editing a chapter), make exercises (regenerate exercises/ only),
 # make gpu (the GPU run, scripts/gpu_check.sh; a CPU rehearsal where there is no GPU).
@@ -15,7 +16,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup book test matrix lab notebooks exercises fork gpu clean
+.PHONY: setup book test kernels matrix lab notebooks exercises fork gpu clean
 
 setup: $(STAMP)
 
@@ -42,6 +43,16 @@ book: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 	$(BIN)/python scripts/nbval_installed.py
+
+# The book and the solutions again under another CPU's arithmetic: PyTorch's, MKL's and
+# oneDNN's AVX2 kernels on one thread (lora_edu.numerics.KERNEL_PATHS), two notebooks at
+# a time. A printed number that changes here is one a reader's machine may not reproduce.
+# CI runs it after make test; `make kernels KERNEL_PATH=no-vectors WORKERS=1` takes another.
+KERNEL_PATH ?= avx2-1-thread
+WORKERS ?= 2
+kernels: $(STAMP)
+	$(BIN)/python scripts/nbval_installed.py --kernel-path $(KERNEL_PATH) --workers $(WORKERS) \
+		$(wildcard book/*.ipynb solutions/*.ipynb)
 
 # The unit tests on every other Python version the project claims that this machine has
 # (pyproject.toml's classifiers), each in its own .venv-3.X with torch's CPU build. CI runs

@@ -18,6 +18,13 @@ steps:
 
     python scripts/nbval_installed.py                   # everything (make test runs this)
     python scripts/nbval_installed.py book/04_nf4_quantization.ipynb exercises/04_nf4_quantization.ipynb
+    python scripts/nbval_installed.py --kernel-path avx2-1-thread --workers 2 book/*.ipynb solutions/*.ipynb
+
+``--kernel-path`` runs every kernel under the environment of one of
+``lora_edu.numerics.KERNEL_PATHS``, so that PyTorch and MKL compute as another CPU would
+(``make kernels`` runs the book and the solutions so, two notebooks at a time with
+``--workers 2``): a printed number that changes there is one a reader's machine may not
+reproduce.
 
 Exit status 0 when every notebook passed.
 """
@@ -52,8 +59,17 @@ def install_package(into: Path) -> Path:
     return site
 
 
-def isolated_environment(site: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+def kernel_path_environment(name: str) -> dict[str, str]:
+    """The environment variables of kernel path ``name`` (lora_edu.numerics.KERNEL_PATHS)."""
+    from lora_edu.numerics import KERNEL_PATHS
+
+    if name not in KERNEL_PATHS:
+        raise SystemExit(f"--kernel-path must be one of {', '.join(KERNEL_PATHS)}; got {name!r}")
+    return KERNEL_PATHS[name]
+
+
+def isolated_environment(site: Path, kernel_path: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1", **kernel_path)
     found = subprocess.run([sys.executable, "-c", "import lora_edu; print(lora_edu.__file__)"],
                            env=env, cwd=site.parent, capture_output=True, text=True, check=True).stdout.strip()
     if not Path(found).is_relative_to(site):
@@ -71,10 +87,12 @@ def copy_notebooks(paths: list[Path], into: Path) -> list[Path]:
     return copies
 
 
-def run_nbval(notebooks: list[Path], env: dict[str, str], cwd: Path) -> int:
+def run_nbval(notebooks: list[Path], env: dict[str, str], cwd: Path, workers: int = 1) -> int:
     if not notebooks:
         return 0
-    command = [sys.executable, "-m", "pytest", *NBVAL, "--rootdir", str(cwd), "-c", os.devnull,
+    # pytest-xdist: each worker takes whole notebooks (loadscope), as one kernel runs a notebook
+    parallel = ["-n", str(workers), "--dist", "loadscope"] if workers > 1 else []
+    command = [sys.executable, "-m", "pytest", *NBVAL, *parallel, "--rootdir", str(cwd), "-c", os.devnull,
                *[str(n.relative_to(cwd)) for n in notebooks]]
     return subprocess.run(command, env=env, cwd=cwd).returncode
 
@@ -127,18 +145,27 @@ def run_exercises(notebooks: list[Path], env: dict[str, str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in book/, solutions/, exercises/")
+    parser.add_argument("--kernel-path", default="native",
+                        help="compute as another CPU would: a name of lora_edu.numerics.KERNEL_PATHS (default: native)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="notebooks checked at once (pytest-xdist); with more than 1, take a 1-thread kernel path")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    kernel_path = kernel_path_environment(args.kernel_path)
     paths = [p.resolve() for p in args.notebooks] or [p for f in FOLDERS for p in sorted((ROOT / f).glob("*.ipynb"))]
     with tempfile.TemporaryDirectory(prefix="lora_edu_colab_") as tmp:
         tmp = Path(tmp)
         site = install_package(tmp / "install")
-        env = isolated_environment(site)
+        env = isolated_environment(site, kernel_path)
         folder = tmp / "notebooks"
         copies = copy_notebooks(paths, folder)
         print(f"lora_edu installed from its wheel into {site}; {len(copies)} notebooks copied to {folder}", flush=True)
+        if kernel_path:
+            print(f"kernel path {args.kernel_path}: " + " ".join(f"{k}={v}" for k, v in kernel_path.items()), flush=True)
         checked = [c for c in copies if c.parent.name != "exercises"]
         exercises = [c for c in copies if c.parent.name == "exercises"]
-        status = run_nbval(checked, env, folder)
+        status = run_nbval(checked, env, folder, args.workers)
         failed = run_exercises(exercises, env)
     if failed:
         print(f"{failed} exercise notebook(s) failed other than at their stubs")
