@@ -44,12 +44,13 @@ def test_conda_users_get_the_same_pins():
     assert "-r requirements.txt" in env and "==" not in env
 
 
-def test_ci_runs_make_test_then_the_python_matrix():
+def test_ci_runs_make_test_the_kernel_paths_then_the_python_matrix():
     commands = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
     # Everything is in `make test`; before it, .ci/run only installs Chromium for the browser test,
-    # after it the unit tests run on the other claimed Python versions.
-    assert commands[-2:] == ["make test", "make matrix"]
-    assert not any("pytest" in c or c.lstrip().startswith("make") for c in commands[:-2])
+    # after it the notebooks run again as another CPU computes, and the unit tests on the other
+    # claimed Python versions.
+    assert commands[-3:] == ["make test", "make kernels", "make matrix"]
+    assert not any("pytest" in c or c.lstrip().startswith("make") for c in commands[:-3])
 
 
 def claimed_versions() -> list[str]:
