@@ -8,10 +8,11 @@ depends on the run: ``benchmarks/kernel_paths.py`` trains each of the book's kin
 under every path of :data:`KERNEL_PATHS` (its results: ``lora_edu.results.load
 ("kernel_paths")``). Full fine-tuning and LoRA (Chapter 2), LoRA+ (Chapter 3), Chapter
 7's LoRA and Exercise 6.5's DoRA magnitudes end within 1.1e-7 of themselves on every
-path; prompt tuning at a learning rate of 0.1 amplifies the
-differences step after step, to 5.6e-4 after 100 steps.
+path, about as far as one forward pass moves; prompt tuning at a learning rate of 0.1
+ends 5.6e-4 apart after 100 steps. (These are five paths of one x86 machine; Apple's
+Accelerate and ARM's kernels were not measured.)
 
-So the book lets nbval compare what every CPU reproduces (forward passes, float64
+So the book lets nbval compare what these paths reproduce (forward passes, float64
 arithmetic, committed results, and training runs that keep to rounding, printed to
 three or four digits) and asserts the rest with :func:`loss_tolerance` in cells whose
 output nbval does not compare. :func:`matmul_tolerance` is the rounding two orders of
@@ -66,9 +67,9 @@ def loss_tolerance(run: str | None = None) -> float:
     :data:`KERNEL_PATHS` and records the largest difference between two paths' final
     losses. The tolerance is four times that (one machine's paths are a sample of all
     CPUs, not their extremes), and never below 1e-5, a hundred times the difference
-    rounding makes to one forward pass: a run at a small learning rate keeps its
-    differences that small, and one at a large rate (prompt tuning at 0.1) amplifies
-    them step after step. Without ``run``, the largest tolerance of all: for a run the
+    rounding makes to one forward pass: most of the book's runs keep their differences
+    that small, and prompt tuning at a learning rate of 0.1 does not (DoRA's magnitudes
+    at the same rate do: it is the run, not the rate alone). Without ``run``, the largest tolerance of all: for a run the
     benchmark does not measure.
     """
     from lora_edu import results
