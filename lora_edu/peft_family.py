@@ -212,8 +212,10 @@ def add_prefix_tuning(model: nn.Module, n_prefix: int, seed: int = 0) -> nn.Modu
     """Prefix tuning in place: ``n_prefix`` learned keys and values in every attention layer.
 
     The prefixes start as the keys and values the model itself computes for ``n_prefix``
-    random vocabulary tokens, layer by layer (Li and Liang found initialising from real
-    words' activations far better than random vectors).
+    random vocabulary tokens, layer by layer: Li and Liang found that starting from real
+    words' activations beats random vectors in low-data settings. They also trained the
+    prefix through an MLP, since updating it directly was unstable for them; here it is
+    trained directly.
     """
     blocks = _blocks(model)
     if any(isinstance(block.attn, PrefixAttention) for block in blocks):
