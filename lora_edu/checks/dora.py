@@ -54,19 +54,20 @@ def check_dora_forward(dora_forward: Callable) -> None:
              "weight, over its inputs"),
             (x @ unit_rows.T + b0, "the magnitude m is missing: the direction has unit rows, and m gives each "
                                    "its length back"),
-            (x @ V.T + b0, "that is LoRA: divide each row of W0 + (alpha / r) B A by its norm and multiply by m"),
+            (x @ V.T + b0, "that is LoRA: your weight's rows keep the lengths LoRA gives them, where DoRA "
+                           "gives each row its own length m"),
             (m * (x @ V.T) / torch.linalg.norm(x @ V.T, dim=-1, keepdim=True) + b0,
              "you normalised the output (the activations); DoRA normalises the weight, row by row, before it "
              "meets x"),
             (x @ (m[:, None] * (W0 + B @ A) / torch.linalg.norm(W0 + B @ A, dim=1, keepdim=True)).T + b0,
-             "the LoRA update is not scaled: V = W0 + (alpha / r) B A"),
+             "the LoRA update is not scaled: B A enters with LoRA's scale, as in Chapter 2"),
             (x @ (m[:, None] * unit_rows).T, "the bias is missing: it is added unchanged after the rescaled weight"),
             (m * (x @ unit_rows.T + b0), "the bias must not be scaled by m: only the weight's rows are"),
         ]
         hint = next((h for variant, h in wrong if torch.allclose(got, variant, atol=1e-8)), None)
-        raise CheckFailed(f"For {setting}, your output is off by up to "
-                          f"{(got - want).abs().max().item():.3g}: "
-                          f"{hint or 'rescale each output row of V = W0 + (alpha / r) B A to length m'}.")
+        hint = hint or ("it is none of the usual slips (axis, magnitude, scale, bias): work out one output "
+                        "feature by hand and compare")
+        raise CheckFailed(f"For {setting}, your output is off by up to {(got - want).abs().max().item():.3g}: {hint}.")
     _check_detached_norm(dora_forward)
     passed("Correct: your DoRA layer rescales each row of W0 + (alpha / r) B A to its magnitude m, with the "
            "norm held constant in the backward pass.")
@@ -130,8 +131,8 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
         wrong = [
             (want.T, "you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"),
             *[(magnitude * wrong_axis / torch.linalg.norm(wrong_axis, dim=1, keepdim=True) if in_f == out_f else None,
-               "the norm is taken per input, over the wrong axis: Conv1D's weight is (in, out), so one output "
-               "feature is a column there (transpose first, or take the norm over dim=0)")
+               "the norm is taken per input, over the wrong axis: in Conv1D's (in, out) layout, where do one "
+               "output feature's weights lie?")
               for magnitude in (m[:, None], m[None, :])],
             ((m[:, None] * (weight + (alpha / r) * B @ A) / torch.linalg.norm(weight + (alpha / r) * B @ A, dim=1,
                                                                               keepdim=True)).T
@@ -139,11 +140,11 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
              "B A is (out, in): transpose it before adding it to Conv1D's (in, out) weight"),
             (V.T / torch.linalg.norm(V, dim=1), "the magnitude m is missing: each output feature's weights should "
                                                 "have length m"),
-            (V.T, "that merges LoRA: rescale each output feature's weights to length m"),
+            (V.T, "that merges LoRA: the output features keep LoRA's lengths, where DoRA gives each its m"),
         ]
         hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, atol=1e-8)),
-                    "each output feature's weights should be (W0 + (alpha / r) B A) for that feature, rescaled to "
-                    "length m")
+                    "it is none of the usual slips (layout, axis, B A's orientation, the magnitude): work out one "
+                    "output feature by hand and compare")
         raise CheckFailed(f"For {setting}, your merged weight is off by up to "
                           f"{(got - want).abs().max().item():.3g}: {hint}.")
     passed("Correct: one norm per output feature, which is a column of Conv1D's (in, out) weight, and the "
