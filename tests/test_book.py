@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from check_prose import html_placeholders
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +30,11 @@ def test_the_book_builds_without_warnings(built_book):
     assert chapter.count("const THEBE_JS_URL") == 1  # declared twice, it was a SyntaxError
     assert not (html / "genindex.html").exists()  # no empty index page
 
+
+
+def test_the_rendered_chapters_show_no_placeholder(built_book):
+    _, html = built_book
+    pages = sorted((html / "book").glob("*.html"))
+    assert pages
+    for page in pages:
+        assert html_placeholders(page.read_text()) == [], page.name

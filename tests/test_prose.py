@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from check_prose import html_placeholders, notebook_defects
+from check_prose import html_placeholders, notebook_defects  # the rendered pages: tests/test_book.py
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = [p for folder in ("book", "solutions", "exercises") for p in sorted((ROOT / folder).glob("*.ipynb"))]
@@ -14,14 +14,6 @@ NOTEBOOKS = [p for folder in ("book", "solutions", "exercises") for p in sorted(
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_the_prose_has_no_placeholder_and_no_colon_left_hanging(path):
     assert notebook_defects(path) == []
-
-
-def test_the_rendered_chapters_show_no_placeholder(built_book):
-    _, html = built_book
-    pages = sorted((html / "book").glob("*.html"))
-    assert pages
-    for page in pages:
-        assert html_placeholders(page.read_text()) == [], page.name
 
 
 # --- the check itself, on notebooks with one defect each
