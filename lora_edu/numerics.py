@@ -28,18 +28,18 @@ import torch
 
 __all__ = ["KERNEL_PATHS", "loss_tolerance", "matmul_tolerance"]
 
+_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # Each entry: the environment a process needs to compute as another CPU would.
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 KERNEL_PATHS: dict[str, dict[str, str]] = {
     "native": {},  # whatever this CPU does best
     # PyTorch's, MKL's and oneDNN's code for CPUs without AVX-512 (AMD's Zen 2 and 3,
     # Intel's laptops and desktops)
-    "avx2": AVX2,
+    "avx2": _AVX2,
     # ATen's kernels without vector instructions, as on a CPU it has no vector code for
     "no-vectors": {"ATEN_CPU_CAPABILITY": "default"},
     # a machine with one core to spare: every parallel reduction split another way
     "1-thread": {"OMP_NUM_THREADS": "1"},
-    "avx2-1-thread": {**AVX2, "OMP_NUM_THREADS": "1"},  # what `make kernels` runs
+    "avx2-1-thread": {**_AVX2, "OMP_NUM_THREADS": "1"},  # what `make kernels` runs
 }
 
 
@@ -69,8 +69,8 @@ def loss_tolerance(run: str | None = None) -> float:
     CPUs, not their extremes), and never below 1e-5, a hundred times the difference
     rounding makes to one forward pass: most of the book's runs keep their differences
     that small, and prompt tuning at a learning rate of 0.1 does not (DoRA's magnitudes
-    at the same rate do: it is the run, not the rate alone). Without ``run``, the largest tolerance of all: for a run the
-    benchmark does not measure.
+    at the same rate do: it is the run, not the rate alone). Without ``run``, the largest
+    tolerance of all: for a run the benchmark does not measure.
     """
     from lora_edu import results
 
