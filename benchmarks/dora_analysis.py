@@ -5,14 +5,15 @@
    magnitude part ΔM and a direction part ΔD (lora_edu.dora.weight_decomposition), one
    point per layer and step, and correlate the two. The paper (VL-BART, query matrices)
    found a negative correlation for full fine-tuning (-0.62) and DoRA (-0.31), a positive
-   one for LoRA (0.83).
+   one for LoRA (0.83). Each of the three methods is run and analysed in seeds 0, 1 and 2.
 2. DoRA against LoRA, held-out loss over 3 seeds: DoRA r=8 adds one magnitude per output
    row, so LoRA r=9 (a few more parameters than DoRA r=8) is run beside LoRA r=8.
 
 Every run is Chapter 2's Milton fine-tune (lora_edu.train.MILTON_FINE_TUNE) on all four
 kinds of block matrices; LoRA and DoRA at Chapter 2's learning rate 3e-3 and alpha 16,
-full fine-tuning at 3e-4. About 6 minutes on 2 CPU cores; it writes its record after every
-run and skips the runs already there, so an interrupted run resumes. Chapter 6 plots the
+full fine-tuning at 3e-4. About 10 minutes on 2 CPU cores; it writes its record after every
+run and skips the runs already there (a run that should have been analysed and was not is
+run again), so an interrupted run resumes. Chapter 6 plots the
 results and re-runs the seed-0 LoRA and DoRA fine-tunes to check them.
 
     python benchmarks/dora_analysis.py   # writes lora_edu/results/dora_analysis.json
@@ -36,6 +37,7 @@ from lora_edu.gpt2 import load_tiny
 from lora_edu.lora import add_lora, count_parameters
 from lora_edu.results import RESULTS_DIR
 from lora_edu.train import MILTON_FINE_TUNE, evaluate, make_adamw, seed_everything, train
+from tqdm import tqdm
 
 LORA_LR, FULL_LR, ALPHA = 3e-3, 3e-4, 16
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -94,8 +96,26 @@ def correlation(points: list[dict]) -> float:
     return statistics.correlation([p["delta_d"] for p in points], [p["delta_m"] for p in points])
 
 
-def record_of(runs: list[dict], start: float) -> dict:
-    correlations = {r["method"]: correlation(r["points"]) for r in runs if r["points"]}
+def demeaned_correlation(points: list[dict]) -> float:
+    """The correlation left once each checkpoint's mean is subtracted: how the layers differ."""
+    def centred(key):
+        means = {s: statistics.mean(p[key] for p in points if p["step"] == s) for s in {p["step"] for p in points}}
+        return [p[key] - means[p["step"]] for p in points]
+
+    return statistics.correlation(centred("delta_d"), centred("delta_m"))
+
+
+def analysed(method: str) -> bool:
+    return method != "lora_r9"
+
+
+def record_of(runs: list[dict], start: float, earlier_seconds: int = 0) -> dict:
+    correlations = {r["method"]: correlation(r["points"]) for r in runs if r["points"] and r["seed"] == 0}
+    per_seed = {}
+    for r in runs:
+        if r["points"]:
+            per_seed.setdefault(r["method"], {})[str(r["seed"])] = {
+                "correlation": correlation(r["points"]), "demeaned": demeaned_correlation(r["points"])}
     return {
         "benchmark": "dora_analysis",
         "command": "python benchmarks/dora_analysis.py",
@@ -104,31 +124,38 @@ def record_of(runs: list[dict], start: float) -> dict:
                    "analysed": "query rows of every block's c_attn"},
         "base_milton_val_loss": evaluate(load_tiny(), load_split("milton", "val"), MILTON_FINE_TUNE.block_size),
         "correlations": correlations,
+        "correlations_per_seed": per_seed,
         "paper_correlations": {"full": -0.62, "dora": -0.31, "lora": 0.83},
         "results": runs,
         "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
+        "wall_seconds": earlier_seconds + round(time.time() - start),  # over every resumed run
     }
 
 
 def main() -> int:
     """Resumable: the record is written after every run, and runs already in it are kept."""
     start = time.time()
-    runs = json.loads(OUT.read_text())["results"] if OUT.is_file() else []
-    done = {(r["method"], r["seed"]) for r in runs}
-    for method in METHODS:
-        for seed in (SEEDS[:1] if method == "full" else SEEDS):
-            if (method, seed) in done:
-                continue
-            runs.append(run(method, seed, snapshots=seed == 0 and method != "lora_r9"))
-            r = runs[-1]
-            print(f"{method:8s} seed {seed}: loss {r['milton_val_loss']:.4f}, {r['trainable_parameters']:,} trained",
-                  flush=True)
-            OUT.write_text(json.dumps(record_of(runs, start), indent=1) + "\n")
-    for method, rho in record_of(runs, start)["correlations"].items():
-        print(f"{method:8s} correlation of ΔD and ΔM: {rho:+.2f}")
+    earlier = json.loads(OUT.read_text()) if OUT.is_file() else {"results": [], "wall_seconds": 0}
+    runs, earlier_seconds = earlier["results"], earlier["wall_seconds"]
+    recorded_loss = {(r["method"], r["seed"]): r["milton_val_loss"] for r in runs}
+    # a run is done if it is there, with its points where it is analysed
+    done = {(r["method"], r["seed"]) for r in runs if r["points"] or not analysed(r["method"])}
+    todo = [(method, seed) for method in METHODS for seed in SEEDS if (method, seed) not in done]
+    for method, seed in tqdm(todo, desc="runs"):
+        new = run(method, seed, snapshots=analysed(method))
+        runs = [r for r in runs if (r["method"], r["seed"]) != (method, seed)] + [new]
+        before = recorded_loss.get((method, seed))  # a run re-done to analyse it should not move
+        tqdm.write(f"{method:8s} seed {seed}: loss {new['milton_val_loss']:.4f}, "
+                   f"{new['trainable_parameters']:,} trained"
+                   + ("" if before is None else f" (recorded before without its points: {before:.4f})"))
+        OUT.write_text(json.dumps(record_of(runs, start, earlier_seconds), indent=1) + "\n")
+    record = record_of(runs, start, earlier_seconds)
+    for method, seeds in record["correlations_per_seed"].items():
+        for seed, rho in seeds.items():
+            print(f"{method:8s} seed {seed}: correlation of ΔD and ΔM {rho['correlation']:+.2f}, "
+                  f"demeaned {rho['demeaned']:+.2f}")
     print(f"wrote {OUT}", file=sys.stderr)
     return 0
 
