@@ -14,8 +14,10 @@ the bytes autograd saves for backward (``lora_edu.qlora.saved_activation_bytes``
 same on any device); on a GPU the peak memory of a step too. The ratios that matter are
 DoRA over LoRA within one implementation, and ours over PEFT's for each method.
 
-Then inference, our GPT2 only: one forward pass of the base model, of DoRA unmerged and of
-DoRA merged (``merge_lora``), in eval mode: merged, DoRA should cost nothing.
+Then inference, our GPT2 only: one forward pass of the base model, of LoRA unmerged, of
+DoRA unmerged and of DoRA merged (``merge_lora``), in eval mode: merged, DoRA should cost
+nothing; unmerged, what DoRA costs beyond unmerged LoRA is its norm of W0 + sBA and the
+rescaling (``lora_unmerged`` was added after the first GPU run, whose record lacks it).
 
     python benchmarks/dora_overhead.py          # CPU: batch 1 x 256, writes results/dora_overhead_cpu.json
     python benchmarks/dora_overhead.py          # GPU: batch 8 x 512, writes results/dora_overhead.json
@@ -44,7 +46,7 @@ GPU = {"preset": "gpt2", "batch_size": 8, "seq_len": 512, "rounds": 5, "steps": 
 CPU = {"preset": "gpt2", "batch_size": 1, "seq_len": 256, "rounds": 5, "steps": 2}
 QUICK = {"preset": "tiny", "batch_size": 2, "seq_len": 64, "rounds": 2, "steps": 2}
 TRAINING = ("lora_lora_edu", "dora_lora_edu", "lora_peft", "dora_peft")
-INFERENCE = ("base", "dora_unmerged", "dora_merged")
+INFERENCE = ("base", "lora_unmerged", "dora_unmerged", "dora_merged")
 
 
 def build_ours(base: GPT2, use_dora: bool) -> nn.Module:
@@ -168,10 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
     del models
     gc.collect()
 
-    dora = build_ours(base, True)
-    for layer in (m for m in dora.modules() if hasattr(m, "magnitude")):  # as if trained: merging changes weights
-        nn.init.normal_(layer.lora_B.weight, std=0.02)
-    inference = time_inference({"base": base, "dora_unmerged": dora,
+    dora, lora = build_ours(base, True), build_ours(base, False)
+    for model in (dora, lora):  # as if trained: merging changes weights, and B = 0 might be skipped
+        for layer in (m for m in model.modules() if hasattr(m, "lora_B")):
+            nn.init.normal_(layer.lora_B.weight, std=0.02)
+    inference = time_inference({"base": base, "lora_unmerged": lora, "dora_unmerged": dora,
                                 "dora_merged": merge_lora(copy.deepcopy(dora))}, batch[:, :-1], plan)
     rows += [{"part": "inference", "method": name, "median_seconds": inference[name]} for name in INFERENCE]
 
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dora_over_lora_saved_bytes_peft": ratio("saved_activation_bytes", "dora_peft", "lora_peft"),
         "unmerged_over_base_inference": inference["dora_unmerged"] / inference["base"],
         "merged_over_base_inference": inference["dora_merged"] / inference["base"],
+        "lora_unmerged_over_base_inference": inference["lora_unmerged"] / inference["base"],
+        "dora_over_lora_unmerged_inference": inference["dora_unmerged"] / inference["lora_unmerged"],
     }
     for row in rows:
         extra = f"  saved {row['saved_activation_bytes'] / 2**20:7.1f} MiB" if "saved_activation_bytes" in row else ""
