@@ -221,7 +221,7 @@ def add_lora(
     alpha: float = 16,
     dropout: float = 0.0,
     use_rslora: bool = False,
-    exclude: tuple[str, ...] = ("lm_head",),
+    exclude: str | list[str] | tuple[str, ...] | None = None,
     use_dora: bool = False,
 ) -> nn.Module:
     """Wrap the target linear layers of ``model`` in :class:`LoRALinear`, in place.
@@ -229,20 +229,35 @@ def add_lora(
     ``targets`` is a list of module names (``["c_attn", "mlp.c_fc"]`` matches every module
     whose name ends with one of them, and each must match something), a regular expression
     matched against full names (``r".*\\.h\\.[01]\\.attn\\.c_attn"``), or ``"all-linear"``:
-    every nn.Linear and Conv1D except those named in ``exclude`` (the output head by default;
-    GPT-2 ties it to the embedding). Afterwards only the LoRA parameters are trainable.
+    every nn.Linear and Conv1D. ``exclude`` leaves out modules from any ``targets``, by
+    PEFT's rule for ``exclude_modules`` (a list of names, or a regex); left at ``None`` it
+    excludes the output head from "all-linear" (GPT-2 ties it to the embedding) and
+    nothing from other targets. Afterwards only the LoRA parameters are trainable.
     The new layers take the train/eval mode of the layers they wrap. ``use_dora=True``
     makes them :class:`~lora_edu.dora.DoRALinear` (PEFT's ``use_dora``), whose magnitudes
     train too. Returns ``model``; if it refuses, the model is left unchanged.
     """
-    if isinstance(exclude, str):  # a bare string would be iterated letter by letter
-        exclude = (exclude,)
+    if exclude is None:
+        exclude = ("lm_head",) if targets == "all-linear" else ()
+    elif not (isinstance(exclude, str) or (
+        isinstance(exclude, (list, tuple)) and all(isinstance(e, str) for e in exclude)
+    )):
+        raise TypeError(f"exclude must be None, a list of module names or a regex string, got {exclude!r}")
+    if isinstance(exclude, str):
+        try:
+            re.compile(exclude)
+        except re.error as err:
+            raise ValueError(f"exclude is not a valid regular expression ({err}): {exclude!r}") from None
     if not isinstance(use_dora, bool):
         raise TypeError(f"use_dora must be True or False, got {use_dora!r}")
     _check_targets(targets)
-    _add_lora(model, targets, tuple(exclude) if targets == "all-linear" else (), r, alpha, dropout, use_rslora,
-              use_dora)
-    model._lora_targets = (targets, None)  # for save_adapter's target_modules
+    exclude = exclude if isinstance(exclude, str) else tuple(exclude)
+    _add_lora(model, targets, exclude, r, alpha, dropout, use_rslora, use_dora)
+    # for save_adapter's target_modules and exclude_modules ("all-linear" is saved as names)
+    saved_exclude = None
+    if exclude and targets != "all-linear":
+        saved_exclude = exclude if isinstance(exclude, str) else list(exclude)
+    model._lora_targets = (targets, saved_exclude)
     return model
 
 
@@ -315,6 +330,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def _merged_weight(layer: LoRALinear) -> torch.Tensor:
+    """The weight ``layer.merge()`` would write: W0 + sBA, or DoRA's m / ||W0 + sBA|| (W0 + sBA)."""
+    if layer.use_dora:
+        return layer.rescaled_weight()[0]
+    return layer.base_layer.weight + layer.delta_weight()
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer and put its base layer back: a plain model, in place.
 
@@ -334,8 +356,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if others:
             raise ValueError(f"cannot merge {name}: its weight is shared with {others[0]}, which would change too")
         with torch.no_grad():
-            if not torch.isfinite(layer.base_layer.weight + layer.delta_weight()).all():
-                raise ValueError(f"merging {name} would make its weight non-finite (inf or nan); nothing was merged")
+            if not torch.isfinite(_merged_weight(layer)).all():
+                raise ValueError(f"merging {name or 'the model'} would make its weight non-finite (inf or nan); "
+                                 "nothing was merged")
     for name, layer in layers.items():
         if not layer.merged:
             layer.merge()

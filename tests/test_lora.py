@@ -312,7 +312,9 @@ def test_add_lora_targets(targets, expected):
 def test_exclude_decides_what_all_linear_skips():
     names = sorted(lora_layers(add_lora(small_gpt2(), exclude=())))
     assert names == sorted(ALL_LINEAR + ["lm_head"])
-    names = sorted(lora_layers(add_lora(small_gpt2(), exclude="c_fc")))  # a lone string is one name
+    names = sorted(lora_layers(add_lora(small_gpt2(), exclude=["c_fc"])))
+    assert names == sorted([n for n in ALL_LINEAR if not n.endswith("c_fc")] + ["lm_head"])
+    names = sorted(lora_layers(add_lora(small_gpt2(), exclude=r".*c_fc")))  # a string is a regex, as in PEFT
     assert names == sorted([n for n in ALL_LINEAR if not n.endswith("c_fc")] + ["lm_head"])
 
 
@@ -765,3 +767,81 @@ def test_task_type_and_base_model_name_or_path(tmp_path):
     assert saved_config(hf, tmp_path / "c")["task_type"] == "CAUSAL_LM"
     hf.name_or_path = "openai-community/gpt2"  # what from_pretrained records (and PEFT reads)
     assert saved_config(hf, tmp_path / "c")["base_model_name_or_path"] == "openai-community/gpt2"
+
+
+# --- refusals that leave the model as it was (issue 26) ---
+
+def snapshot(model):
+    """What a refusal must not change: every tensor, every requires_grad flag, every module type."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, type(m).__name__) for n, m in model.named_modules()])
+
+
+def same(a, b):
+    """Equal to the bit, NaN where the other has NaN (a NaN put there by the test stays)."""
+    if a.is_floating_point():
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    return torch.equal(a, b)
+
+
+def assert_unchanged(model, before):
+    tensors, flags, types = snapshot(model)
+    assert types == before[2]
+    assert flags == before[1]
+    assert tensors.keys() == before[0].keys()
+    assert all(same(tensors[k], before[0][k]) for k in tensors)
+
+
+def test_merge_lora_refuses_a_dora_layer_whose_rescaled_weight_is_not_finite_before_merging_any():
+    """W0 + sBA is finite here; only DoRA's m / ||W0 + sBA|| (W0 + sBA) of the last layer is not."""
+    model = adapted(use_dora=True)
+    last_name, last = list(lora_layers(model).items())[-1]
+    with torch.no_grad():
+        last.magnitude[0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"merging {last_name} would make its weight non-finite.*nothing was merged"):
+        merge_lora(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    "targets, exclude, expected",
+    [
+        (["c_attn", "c_fc"], ["transformer.h.0.attn.c_attn"],
+         ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]),
+        (["c_attn", "c_fc"], r".*\.h\.1\..*", ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]),
+        ("all-linear", ["c_proj"], [n for n in ALL_LINEAR if not n.endswith("c_proj")] + ["lm_head"]),
+        (r".*\.c_(attn|fc)", ["mlp.c_fc"], ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]),
+    ],
+)
+def test_exclude_applies_to_any_targets_as_peft_exclude_modules_does(tmp_path, targets, exclude, expected):
+    model = add_lora(small_gpt2(), targets, exclude=exclude)
+    assert sorted(lora_layers(model)) == sorted(expected)
+    save_adapter(model, tmp_path)  # the adapter file chooses the same layers again
+    assert sorted(lora_layers(load_adapter(small_gpt2(), tmp_path))) == sorted(expected)
+
+
+def test_exclude_that_leaves_nothing_is_refused_and_the_model_unchanged():
+    model = small_gpt2()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="excluded"):
+        add_lora(model, ["c_attn"], exclude=["c_attn"])
+    assert_unchanged(model, before)
+
+
+def test_peft_auto_class_loads_an_adapter_saved_from_a_base_loaded_from_a_folder(tmp_path):
+    """base_model_name_or_path is the folder the base came from, and AutoPeftModel follows it."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    hf_gpt2().save_pretrained(tmp_path / "base")
+    model = add_lora(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(), ["c_attn"])
+    torch.manual_seed(1)
+    randomize(model)
+    idx = torch.randint(0, 50, (2, 8))
+    expected = logits(model, idx)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    assert torch.allclose(logits(loaded, idx), expected, atol=1e-5)
