@@ -12,14 +12,21 @@ run: held-out Milton loss, held-out Shakespeare loss (forgetting), trainable par
 per method: whether it merges, how many context positions it uses, and its forward
 pass's time, unmerged and (where it can) merged, beside the base model's.
 
+Then full fine-tuning, LoRA and DoRA at smaller rates than their grids' (seed 0, PARETO_EXTRA),
+for the chapter's view of learning against forgetting over every rate.
+
 Then LoRA's hyperparameters, one at a time, from the family's LoRA at a fixed rate
 (``STUDY_LR``), three seeds each: the scale alpha/r against rsLoRA's alpha/sqrt(r) as r
 grows with alpha fixed; attention-only against MLP-only against every block matrix at
-(about) equal trainable parameters; dropout.
+(about) equal trainable parameters; dropout. Then the rank study again with the rate
+re-tuned for each rank and scale: a grid around STUDY_LR on seed 0 (``RANK_GRID``, grown
+by factors of 3 until its best rate lies inside), then seeds 1 and 2 at the best rate and
+at any rate within 0.002 of it on seed 0.
 
-Resumable: the record is written after every run, and runs already in it are skipped.
+Resumable: the record is written after every run, and runs already in it are skipped (and
+a resumed run keeps the record's forward-pass timings rather than measuring them again).
 
-    python benchmarks/peft_family.py          # writes lora_edu/results/peft_family.json (about 30 minutes on 2 cores)
+    python benchmarks/peft_family.py          # writes lora_edu/results/peft_family.json (about 70 minutes on 2 cores)
     python benchmarks/peft_family.py --quick  # 10 steps, one rate and seed per method: a smoke test; writes nothing
 """
 
@@ -30,6 +37,7 @@ import time
 from dataclasses import replace
 
 import torch
+from tqdm import tqdm
 
 from lora_edu.adapters import add_serial_adapters
 from lora_edu.data import load_split
@@ -72,6 +80,14 @@ VARIANTS = {
     "dropout0.05": dict(targets="all-linear", r=8, alpha=16, dropout=0.05),
     "dropout0.1": dict(targets="all-linear", r=8, alpha=16, dropout=0.1),
 }
+# Smaller rates for the learning-forgetting (Pareto) view, seed 0 only: does LoRA at smaller rates reach
+# the frontier that full fine-tuning's small rates draw?
+PARETO_EXTRA = {"full": [3e-5], "lora": [1e-4, 3e-4], "dora": [1e-4, 3e-4]}
+# The rank study with the rate re-tuned per rank and scale: the grid each variant starts from on seed 0.
+RANK_VARIANTS = [f"r{r}{scale}" for scale in ("", "_rslora") for r in (2, 8, 32, 128)]
+RANK_GRID = [3e-3, 1e-2, 3e-2]
+# where the two scales part most, the grid refined by half-steps (factors of sqrt(3)) around each best rate
+RANK_REFINED = ["r128", "r128_rslora"]
 LATENCY_SHAPE, LATENCY_REPEATS = (8, BLOCK_SIZE), 30
 
 
@@ -126,7 +142,10 @@ def record_of(runs: list[dict], base: dict, start: float, quick: bool, timing: d
               "seeds": list(SEEDS), "quick": quick,
               "methods": {m: {"lr_grid": grid, "mergeable": merges, "context_positions_used": positions}
                           for m, (_, grid, merges, positions) in METHODS.items()},
-              "study_lr": STUDY_LR, "variants": VARIANTS}
+              "study_lr": STUDY_LR, "variants": VARIANTS,
+              "pareto_extra": PARETO_EXTRA,
+              "rank_study": {"variants": RANK_VARIANTS, "lr_grid": RANK_GRID, "near": NEAR,
+                             "refined": RANK_REFINED}}
     return run_record("peft_family", config, runs, device="cpu", start=start, base_model=base, latency=timing)
 
 
@@ -144,29 +163,40 @@ def main(argv: list[str] | None = None) -> dict:
     start -= 0 if previous is None else previous.get("wall_seconds", 0)  # a resumed run adds to the time
     done = {(r["method"], r.get("variant"), r["lr"], r["seed"]) for r in runs}
     steps = 10 if args.quick else MILTON_FINE_TUNE.steps
-    timing = latency(3 if args.quick else LATENCY_REPEATS)
+    timing = previous.get("latency") if previous else None
+    timing = timing or latency(3 if args.quick else LATENCY_REPEATS)
     print("forward pass over the base model's: " + ", ".join(f"{k} {v:.2f}" for k, v in timing["over_base"].items()))
 
     def measure(method: str, lr: float, seed: int, variant: str | None = None) -> None:
         if (method, variant, lr, seed) in done:
             return
+        began = time.time()
         runs.append(run(method, lr, seed, steps, data, variant))
         done.add((method, variant, lr, seed))
         r = runs[-1]
         print(f"{method:8s} {variant or '':14s} lr {lr:<7g} seed {seed}: Milton {r['milton_val_loss']:.4f}, "
-              f"Shakespeare {r['shakespeare_val_loss']:.4f}, {r['trainable_parameters']:,} trained", flush=True)
+              f"Shakespeare {r['shakespeare_val_loss']:.4f}, {r['trainable_parameters']:,} trained, "
+              f"{time.time() - began:.0f} s", flush=True)
         save(record_of(runs, base, start, args.quick, timing), out)
 
-    for method, (_, grid, _, _) in METHODS.items():
-        if args.quick:
-            measure(method, grid[0], SEEDS[0])
-            continue
+    def seed0(method: str, variant: str | None) -> dict:
+        return {r["lr"]: r["milton_val_loss"] for r in runs
+                if r["method"] == method and r.get("variant") == variant and r["seed"] == SEEDS[0]}
+
+    def repeat_near_best(method: str, variant: str | None, rates: list[float]) -> None:
+        tried = seed0(method, variant)
+        best = min(rates, key=tried.get)
+        for lr in rates:  # the best rate, and any within NEAR of it on seed 0, with the other seeds
+            if tried[lr] <= tried[best] + NEAR:
+                for seed in SEEDS[1:]:
+                    measure(method, lr, seed, variant)
+
+    def tune(method: str, grid: list[float], variant: str | None = None) -> None:
         grid = list(grid)
         while True:  # the grid on seed 0, grown (by factors of 3) until its best rate lies inside it
             for lr in grid:
-                measure(method, lr, SEEDS[0])
-            tried = {r["lr"]: r["milton_val_loss"] for r in runs
-                     if r["method"] == method and "variant" not in r and r["seed"] == SEEDS[0]}
+                measure(method, lr, SEEDS[0], variant)
+            tried = seed0(method, variant)
             best = min(grid, key=tried.get)
             if best == grid[0] and len(grid) < 7:
                 grid.insert(0, float(f"{grid[0] / 3:.1g}"))
@@ -174,13 +204,30 @@ def main(argv: list[str] | None = None) -> dict:
                 grid.append(float(f"{grid[-1] * 3:.1g}"))
             else:
                 break
-        for lr in grid:  # the best rate, and any within NEAR of it on seed 0, with the other seeds
-            if tried[lr] <= tried[best] + NEAR:
-                for seed in SEEDS[1:]:
-                    measure(method, lr, seed)
+        repeat_near_best(method, variant, grid)
+
+    for method, (_, grid, _, _) in METHODS.items():
+        if args.quick:
+            measure(method, grid[0], SEEDS[0])
+            continue
+        tune(method, grid)
+    for method, rates in ({} if args.quick else PARETO_EXTRA).items():
+        for lr in rates:
+            measure(method, lr, SEEDS[0])
     for variant in VARIANTS:
         for seed in SEEDS[:1] if args.quick else SEEDS:
             measure("lora", STUDY_LR, seed, variant)
+    if args.quick:  # one re-tuned rate of one rank, as a smoke test
+        measure("lora", RANK_GRID[0], SEEDS[0], RANK_VARIANTS[0])
+    else:
+        for variant in tqdm(RANK_VARIANTS, desc="rank study, rate per rank"):
+            tune("lora", RANK_GRID, variant)
+        for variant in tqdm(RANK_REFINED, desc="rank study, half-steps"):
+            tried = seed0("lora", variant)
+            best = min(tried, key=tried.get)
+            for lr in (best / 3**0.5, best * 3**0.5):
+                measure("lora", float(f"{lr:.1g}"), SEEDS[0], variant)
+            repeat_near_best("lora", variant, sorted(seed0("lora", variant)))
     record = record_of(runs, base, start, args.quick, timing)
     save(record, out)
     return record
