@@ -11,11 +11,11 @@ the checker's own lines, and with them the answer.
 
 from lora_edu.checks._core import CheckFailed
 from lora_edu.checks.dora import (
-    check_dora_forward,
     check_dora_merge_conv1d,
-    check_dora_parameters,
+    check_dora_serving,
+    check_dora_unmerge_conv1d,
+    check_factored_row_norms,
     check_magnitude_only,
-    check_weight_decomposition,
 )
 from lora_edu.checks.lora_from_scratch import (
     check_count_lora_parameters,
@@ -87,9 +87,10 @@ __all__ = [
     "check_blocksize_experiment",
     "check_count_lora_parameters",
     "check_cross_entropy",
-    "check_dora_forward",
     "check_dora_merge_conv1d",
-    "check_dora_parameters",
+    "check_dora_serving",
+    "check_dora_unmerge_conv1d",
+    "check_factored_row_norms",
     "check_fine_tuning_bytes",
     "check_inject_lora",
     "check_lloyd_max_levels",
@@ -114,5 +115,4 @@ __all__ = [
     "check_smallest_rank",
     "check_toy_best_pair",
     "check_training_step",
-    "check_weight_decomposition",
 ]

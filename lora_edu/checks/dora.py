@@ -1,111 +1,190 @@
-"""Checkers for chapter 6's exercises: the DoRA forward pass, merging into a Conv1D, ΔM and ΔD,
-DoRA's parameter count, and the magnitude alone."""
+"""Checkers for chapter 6's exercises: DoRA's row norms without the dense matrix, merging into a
+Conv1D and unmerging from it, DoRA served with one vector per adapter, and the magnitudes alone."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
-from lora_edu.dora import weight_decomposition
 
 __all__ = [
-    "check_dora_forward",
     "check_dora_merge_conv1d",
-    "check_dora_parameters",
+    "check_dora_serving",
+    "check_dora_unmerge_conv1d",
+    "check_factored_row_norms",
     "check_magnitude_only",
-    "check_weight_decomposition",
 ]
 
 
-def _dora_cases():
-    g = torch.Generator().manual_seed(0)
-    cases = []
-    for x_shape, (out_f, in_f), alpha, r in [((4, 6), (5, 6), 8.0, 2), ((2, 3, 7), (3, 7), 3.0, 2)]:
-        W0 = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
-        b0 = torch.randn(out_f, generator=g, dtype=torch.float64)
-        A = torch.randn(r, in_f, generator=g, dtype=torch.float64)
-        B = torch.randn(out_f, r, generator=g, dtype=torch.float64)
-        m = torch.linalg.norm(W0, dim=1) * (1 + 0.5 * torch.rand(out_f, generator=g, dtype=torch.float64))
-        x = torch.randn(*x_shape[:-1], in_f, generator=g, dtype=torch.float64)
-        cases.append((x, W0, b0, A, B, m, alpha, r))
-    return cases
+def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
 
 
-def check_dora_forward(dora_forward: Callable) -> None:
-    """Exercise 6.1: ``dora_forward(x, W0, b0, A, B, m, alpha, r)``, DoRA's output without dropout."""
-    for x, W0, b0, A, B, m, alpha, r in _dora_cases():
-        got = call_learner(dora_forward, x.clone(), W0.clone(), b0.clone(), A.clone(), B.clone(), m.clone(), alpha, r)
-        got = expect_tensor(got, "dora_forward")
-        V = W0 + (alpha / r) * B @ A
-        want = x @ (m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)).T + b0
-        setting = f"x of shape {tuple(x.shape)}, W0 {tuple(W0.shape)}, alpha={alpha:g}, r={r}"
+class _DenseWatch(TorchFunctionMode):
+    """Records whether any tensor computed under it is B A, or W0 + B A, up to a scale (either layout)."""
+
+    def __init__(self, W0: torch.Tensor, BA: torch.Tensor):
+        super().__init__()
+        self.candidates = [(W0, BA), (W0.T, BA.T)]
+        self.formed: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.formed is None and isinstance(out, torch.Tensor) and out.is_floating_point():
+            for W0, BA in self.candidates:
+                if out.shape != BA.shape:
+                    continue
+                t = out.detach().double()
+                for what, rest in (("the product B A", t), ("the dense matrix W0 + s B A", t - W0)):
+                    c = (rest * BA).sum() / (BA * BA).sum()
+                    if c.abs() > 1e-12 and torch.allclose(rest, c * BA, atol=1e-9, rtol=1e-9):
+                        self.formed = what
+        return out
+
+
+def check_factored_row_norms(row_norms: Callable) -> None:
+    """Exercise 6.1: ``row_norms(weight, A, B, scaling, fan_in_fan_out=False)``: ||W0 + s B A|| per output
+    row, shape (out,), without forming the (out, in) matrix; ``weight`` is (in, out) when ``fan_in_fan_out``."""
+    g = torch.Generator().manual_seed(5)
+    for out_f, in_f, r, scaling, fan_in_fan_out in [(7, 5, 2, 0.5, False), (6, 9, 3, 2.0, False),
+                                                    (6, 6, 2, 0.5, True), (4, 10, 3, 1.5, True)]:
+        W0, A, B = _randn(g, out_f, in_f), _randn(g, r, in_f), _randn(g, out_f, r)
+        weight = W0.T.contiguous() if fan_in_fan_out else W0
+        layout = (f"a Conv1D weight of shape ({in_f}, {out_f}) (in, out, fan_in_fan_out=True)" if fan_in_fan_out
+                  else f"an nn.Linear weight of shape ({out_f}, {in_f}) (out, in)")
+        setting = f"For {layout}, r={r}, scaling={scaling:g}"
+        watch = _DenseWatch(W0, B @ A)
+        with watch:
+            got = call_learner(row_norms, weight.clone(), A.clone(), B.clone(), scaling, fan_in_fan_out)
+        got = expect_tensor(got, "row_norms")
+        V = W0 + scaling * B @ A
+        want = torch.linalg.norm(V, dim=1)
         if got.shape != want.shape:
-            raise CheckFailed(f"For {setting}, the output should have shape {tuple(want.shape)} but yours has "
+            hint = (" (one per input: on a Conv1D weight the output features are its columns)"
+                    if got.shape == (in_f,) else "")
+            raise CheckFailed(f"{setting}, row_norms should return one norm per output feature, shape ({out_f},), "
+                              f"but yours has shape {tuple(got.shape)}{hint}.")
+        got = got.double()
+        if not torch.allclose(got, want, atol=1e-8):
+            n0, cross = (W0 * W0).sum(1), (B * (W0 @ A.T)).sum(1)
+            quad = (B @ (A @ A.T) * B).sum(1)
+            wrong = [
+                ((n0 + 2 * scaling * cross + scaling**2 * quad), "these are the squared norms: take the square root"),
+                ((n0 + scaling * cross + scaling**2 * quad).clamp(min=0).sqrt(),
+                 "the cross term between a row of W0 and its update counts twice in a squared norm"),
+                ((n0 + scaling**2 * quad).sqrt(), "the cross term between a row of W0 and its update is missing: "
+                 "the two are not orthogonal, so the squared norm of their sum is not the sum of squared norms"),
+                ((n0 + 2 * scaling * cross + scaling * quad).clamp(min=0).sqrt(),
+                 "the update's own term is scaled once; it is the update times itself, so the scale enters twice"),
+                ((n0 + 2 * cross + quad).clamp(min=0).sqrt(), "the scaling is missing: the update is s B A"),
+                (torch.linalg.norm(W0, dim=1), "these are the norms of W0 alone: the update B A is left out"),
+            ]
+            hint = next((h for v, h in wrong if v.shape == got.shape and torch.allclose(got, v, atol=1e-8)), None)
+            if hint is None and fan_in_fan_out:
+                hint = "on a fan_in_fan_out weight, W0 is the transpose of what you are given"
+            hint = hint or ("it is none of the usual slips (square root, cross term, scaling, layout): expand the "
+                            "squared norm of one row by hand and compare")
+            raise CheckFailed(f"{setting}, your norms are off by up to {(got - want).abs().max().item():.3g}: {hint}.")
+        if watch.formed is not None:
+            raise CheckFailed(f"{setting}, your norms are right, but your code computes {watch.formed}, a "
+                              f"({out_f}, {in_f}) matrix, which is what the exercise asks you to avoid: work with "
+                              "quantities that have r on one side.")
+    passed("Correct: the row norms of W0 + s B A from W0's row norms, W0 A^T and A A^T, in both layouts, "
+           "without an (out, in) update anywhere.")
+
+
+def _serving_case(g: torch.Generator, out_f: int, in_f: int, r: int, n: int) -> tuple:
+    W0, b0 = _randn(g, out_f, in_f), _randn(g, out_f)
+    A, B = _randn(g, n, r, in_f), 0.5 * _randn(g, n, out_f, r)
+    m = torch.linalg.norm(W0, dim=1) * (1 + 0.5 * torch.rand(n, out_f, generator=g, dtype=torch.float64))
+    scaling = torch.tensor([2.0, 0.5, 1.0, 4.0][:n], dtype=torch.float64)
+    return W0, b0, A, B, m, scaling
+
+
+def _dora_layer_output(x, W0, b0, A, B, m, scaling) -> torch.Tensor:
+    """lora_edu's DoRALinear with these weights, applied to x: the reference."""
+    from lora_edu.dora import DoRALinear
+
+    base = torch.nn.Linear(W0.shape[1], W0.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        base.weight.copy_(W0)
+        base.bias.copy_(b0)
+        layer = DoRALinear(base, r=A.shape[0], alpha=float(scaling) * A.shape[0]).double()
+        layer.lora_A.weight.copy_(A)
+        layer.lora_B.weight.copy_(B)
+        layer.magnitude.copy_(m)
+        return layer.eval()(x)
+
+
+def check_dora_serving(serving_vector: Callable, serve: Callable) -> None:
+    """Exercise 6.3: ``g = serving_vector(W0, A, B, m, scaling)`` for one adapter, shape (out,), and
+    ``serve(x, W0, b0, A, B, g, scaling, index)`` for a batch whose row i uses adapter ``index[i]`` of the
+    stacked A (n, r, in), B (n, out, r), g (n, out), scaling (n,)."""
+    g = torch.Generator().manual_seed(7)
+    for out_f, in_f, r, n in [(5, 7, 2, 3), (6, 4, 3, 4)]:
+        W0, b0, A, B, m, scaling = _serving_case(g, out_f, in_f, r, n)
+        setting = f"For W0 of shape ({out_f}, {in_f}) and r={r}"
+        for k in range(n):
+            s = float(scaling[k])
+            got = expect_tensor(call_learner(serving_vector, W0.clone(), A[k].clone(), B[k].clone(), m[k].clone(),
+                                             s), "serving_vector")
+            V = W0 + s * B[k] @ A[k]
+            want = m[k] / torch.linalg.norm(V, dim=1)
+            if got.shape != want.shape:
+                raise CheckFailed(f"{setting}, serving_vector should return one number per output feature, shape "
+                                  f"({out_f},), but yours has shape {tuple(got.shape)}.")
+            got = got.double()
+            if torch.allclose(got, want, atol=1e-8):
+                continue
+            wrong = [
+                (m[k] / torch.linalg.norm(W0, dim=1), "you divided by the norms of W0 alone; the layer divides by "
+                                                      "the norms of the adapted weight W0 + s B A"),
+                (m[k], "that is the magnitude m itself: the vector the layer multiplies by is m over a norm"),
+                (torch.linalg.norm(V, dim=1) / m[k], "that is upside down: the norm divides m"),
+                (m[k] / torch.linalg.norm(W0 + B[k] @ A[k], dim=1), "the update in the norm is not scaled: it is "
+                                                                   "s B A"),
+            ]
+            hint = next((h for v, h in wrong if torch.allclose(got, v, atol=1e-8)),
+                        "it is none of the usual slips: compare one entry with m_i / ||row i of W0 + s B A||")
+            raise CheckFailed(f"{setting}, adapter {k}: your vector is off by up to "
+                              f"{(got - want).abs().max().item():.3g}: {hint}.")
+        gs = torch.stack([m[k] / torch.linalg.norm(W0 + scaling[k] * B[k] @ A[k], dim=1) for k in range(n)])
+        index = torch.tensor([0, n - 1, 1, 0, n - 1, 2 % n, 1], dtype=torch.long)
+        x = _randn(g, len(index), in_f)
+        got = expect_tensor(call_learner(serve, x.clone(), W0.clone(), b0.clone(), A.clone(), B.clone(), gs.clone(),
+                                         scaling.clone(), index.clone()), "serve")
+        want = torch.stack([_dora_layer_output(x[i], W0, b0, A[k], B[k], m[k], scaling[k])
+                            for i, k in enumerate(index.tolist())])
+        setting = f"{setting}, a batch of {len(index)} rows using {n} adapters (index {index.tolist()})"
+        if got.shape != want.shape:
+            raise CheckFailed(f"{setting}, serve should return shape {tuple(want.shape)} but yours has "
                               f"{tuple(got.shape)}.")
         got = got.double()
         if torch.allclose(got, want, atol=1e-8):
             continue
-        unit_rows = V / torch.linalg.norm(V, dim=1, keepdim=True)
+        base = x @ W0.T
+        lora = torch.einsum("bo,bor,bri,bi->bo", scaling[index, None].expand(-1, out_f), B[index], A[index], x)
+        gi = gs[index]
         wrong = [
-            (x @ (m[:, None] * V / torch.linalg.norm(V, dim=0, keepdim=True)).T + b0,
-             "the norm is taken over the wrong axis: DoRA takes one norm per output row of the (out, in) "
-             "weight, over its inputs"),
-            (x @ unit_rows.T + b0, "the magnitude m is missing: the direction has unit rows, and m gives each "
-                                   "its length back"),
-            (x @ V.T + b0, "that is LoRA: your weight's rows keep the lengths LoRA gives them, where DoRA "
-                           "gives each row its own length m"),
-            (m * (x @ V.T) / torch.linalg.norm(x @ V.T, dim=-1, keepdim=True) + b0,
-             "you normalised the output (the activations); DoRA normalises the weight, row by row, before it "
-             "meets x"),
-            (x @ (m[:, None] * (W0 + B @ A) / torch.linalg.norm(W0 + B @ A, dim=1, keepdim=True)).T + b0,
-             "the LoRA update is not scaled: B A enters with LoRA's scale, as in Chapter 2"),
-            (x @ (m[:, None] * unit_rows).T, "the bias is missing: it is added unchanged after the rescaled weight"),
-            (m * (x @ unit_rows.T + b0), "the bias must not be scaled by m: only the weight's rows are"),
+            (base + b0 + gi * lora, "the base output W0 x is not rescaled: DoRA multiplies the whole adapted "
+                                    "weight's output by g, W0 x included"),
+            (gi * (base + lora + b0), "the bias is rescaled too: the layer adds it after the rescaled weight, "
+                                      "unchanged"),
+            (base + b0 + (gi - 1) * base + gi * lora / scaling[index, None],
+             "the low-rank part is not scaled by its adapter's s"),
+            (base + b0 + (gs[0] - 1) * base + gs[0] * torch.einsum("or,ri,bi->bo", B[0], A[0], x) * scaling[0],
+             "every row used adapter 0: row i should use adapter index[i]"),
         ]
-        hint = next((h for variant, h in wrong if torch.allclose(got, variant, atol=1e-8)), None)
-        hint = hint or ("it is none of the usual slips (axis, magnitude, scale, bias): work out one output "
-                        "feature by hand and compare")
-        raise CheckFailed(f"For {setting}, your output is off by up to {(got - want).abs().max().item():.3g}: {hint}.")
-    _check_detached_norm(dora_forward)
-    passed("Correct: your DoRA layer rescales each row of W0 + (alpha / r) B A to its magnitude m, with the "
-           "norm held constant in the backward pass.")
-
-
-def _gradients(forward: Callable, x, W0, b0, A, B, m, alpha, r, upstream) -> tuple:
-    """The gradients of sum(upstream * forward(...)) with respect to B and m."""
-    B, m = B.clone().requires_grad_(), m.clone().requires_grad_()
-    out = call_learner(forward, x.clone(), W0.clone(), b0.clone(), A.clone(), B, m, alpha, r)
-    if not isinstance(out, torch.Tensor) or not out.requires_grad:
-        raise CheckFailed("Your output does not depend on B and m through autograd: compute it with torch "
-                          "operations on the tensors you are given (no .item(), .numpy() or torch.no_grad()), "
-                          "so that training can reach them.")
-    (out * upstream).sum().backward()
-    return B.grad, m.grad
-
-
-def _check_detached_norm(dora_forward: Callable) -> None:
-    """DoRA's norm is a constant in the backward pass (the paper's Section 4.3, PEFT, lora_edu)."""
-    x, W0, b0, A, B, m, alpha, r = _dora_cases()[0]
-    upstream = torch.randn(x.shape[0], W0.shape[0], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-
-    def reference(x, W0, b0, A, B, m, alpha, r, detach=True):
-        V = W0 + (alpha / r) * B @ A
-        norm = torch.linalg.norm(V, dim=1, keepdim=True)
-        return x @ (m[:, None] * V / (norm.detach() if detach else norm)).T + b0
-
-    got = _gradients(dora_forward, x, W0, b0, A, B, m, alpha, r, upstream)
-    want = _gradients(reference, x, W0, b0, A, B, m, alpha, r, upstream)
-    if all(g is not None and torch.allclose(g, w, atol=1e-8) for g, w in zip(got, want)):
-        return
-    exact = _gradients(lambda *a: reference(*a, detach=False), x, W0, b0, A, B, m, alpha, r, upstream)
-    if got[0] is not None and torch.allclose(got[0], exact[0], atol=1e-8):
-        raise CheckFailed("Your output is right, but the gradient reaches B through the norm too: DoRA treats "
-                          "||W0 + (alpha / r) B A|| as a constant in the backward pass (.detach() it), as the "
-                          "paper's Section 4.3, PEFT and lora_edu do.")
-    raise CheckFailed("Your output is right, but its gradients with respect to B or m are not DoRA's: let "
-                      "autograd reach B through W0 + (alpha / r) B A, and m directly.")
+        hint = next((h for v, h in wrong if torch.allclose(got, v, atol=1e-8)), None)
+        rows = [i for i in range(len(index)) if not torch.allclose(got[i], want[i], atol=1e-8)]
+        hint = hint or (f"rows {rows} are wrong (adapters {[index[i].item() for i in rows]}): check which adapter's "
+                        "g, A, B and s each row picks up")
+        raise CheckFailed(f"{setting}, your output is off by up to {(got - want).abs().max().item():.3g}: {hint}.")
+    passed("Correct: with g = m / ||W0 + s B A|| computed once per adapter, a mixed batch is the base output "
+           "plus per-row corrections, and it matches the DoRA layer row by row.")
 
 
 def check_dora_merge_conv1d(merge: Callable) -> None:
@@ -151,62 +230,50 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
            "result back in Conv1D's layout.")
 
 
-def check_weight_decomposition(decompose: Callable) -> None:
-    """Exercise 6.3: ``delta_m, delta_d = decompose(W0, W)``, the DoRA paper's ΔM and ΔD."""
-    g = torch.Generator().manual_seed(1)
-    for shape in [(6, 4), (3, 8)]:
-        W0 = torch.randn(*shape, generator=g, dtype=torch.float64)
-        W = W0 * (1 + 0.3 * torch.randn(shape[0], 1, generator=g, dtype=torch.float64)) \
-            + 0.2 * torch.randn(*shape, generator=g, dtype=torch.float64)
-        got = call_learner(decompose, W0.clone(), W.clone())
-        if not isinstance(got, tuple) or len(got) != 2:
-            raise CheckFailed(f"decompose should return a pair (delta_m, delta_d), got {type(got).__name__}.")
-        delta_m, delta_d = (float(v) for v in got)
-        want_m, want_d = weight_decomposition(W0, W)
-        if abs(delta_m - want_m) < 1e-6 and abs(delta_d - want_d) < 1e-6:
+def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
+    """Exercise 6.4: ``unmerge(merged, A, B, m, norm, alpha, r)``: W0 back, in Conv1D's (in, out) layout, from
+    a DoRA merge into it and the row norms ``norm`` (out,) of W0 + s B A that the merge divided by."""
+    g = torch.Generator().manual_seed(11)
+    for in_f, out_f, r, alpha in [(5, 5, 2, 4.0), (6, 4, 2, 8.0)]:  # square first: a wrong axis runs there
+        weight = _randn(g, in_f, out_f)  # W0 in Conv1D's layout
+        A, B = _randn(g, r, in_f), _randn(g, out_f, r)
+        m = torch.linalg.norm(weight, dim=0) * (1 + 0.5 * torch.rand(out_f, generator=g, dtype=torch.float64))
+        V = weight.T + (alpha / r) * B @ A  # (out, in)
+        norm = torch.linalg.norm(V, dim=1)
+        merged = ((m / norm)[:, None] * V).T.contiguous()  # (in, out), as merging stores it
+        got = expect_tensor(call_learner(unmerge, merged.clone(), A.clone(), B.clone(), m.clone(), norm.clone(),
+                                         alpha, r), "unmerge")
+        setting = f"For a Conv1D weight of shape ({in_f}, {out_f}) (in, out), r={r}"
+        if got.shape != weight.shape:
+            hint = ("you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
+                    if got.shape == weight.T.shape else f"W0 has the shape of the merged weight, {tuple(weight.shape)}")
+            raise CheckFailed(f"{setting}, your W0 has shape {tuple(got.shape)}: {hint}.")
+        got = got.double()
+        if torch.allclose(got, weight, atol=1e-8):
             continue
-        row_change = torch.linalg.norm(W, dim=1) - torch.linalg.norm(W0, dim=1)
-        if abs(delta_m - row_change.mean().item()) < 1e-6 and abs(delta_m - want_m) > 1e-6:
-            hint = "ΔM is the mean of the absolute changes of the row norms; a signed mean lets them cancel"
-        elif abs(delta_m - (torch.linalg.norm(W, dim=0) - torch.linalg.norm(W0, dim=0)).abs().mean().item()) < 1e-6:
-            hint = "take the norms per output row (dim=1 of an (out, in) weight), not per column"
-        elif abs(delta_d - (1 - torch.nn.functional.cosine_similarity(W, W0, dim=0)).mean().item()) < 1e-6:
-            hint = "compare each output row of W with the same row of W0 (cosine over dim=1), not the columns"
-        elif abs(delta_d - torch.nn.functional.cosine_similarity(W, W0, dim=1).mean().item()) < 1e-6:
-            hint = "ΔD is 1 minus the cosine similarity, so that unchanged directions give 0"
-        elif abs(delta_m - want_m) > 1e-6:
-            hint = "ΔM: the mean over rows of | ||W row|| - ||W0 row|| |"
-        else:
-            hint = "ΔD: the mean over rows of 1 - cos(W row, W0 row)"
-        raise CheckFailed(f"For a {shape[0]} x {shape[1]} weight you give ΔM={delta_m:.4f}, ΔD={delta_d:.4f}; "
-                          f"expected ΔM={want_m:.4f}, ΔD={want_d:.4f}: {hint}.")
-    passed("Correct: ΔM measures how far the rows' lengths moved, ΔD how far their directions turned.")
-
-
-def check_dora_parameters(extra: Callable, smallest_lora_rank: int) -> None:
-    """Exercise 6.4: ``extra(in_features, out_features, r)`` and the LoRA rank that matches DoRA r=8."""
-    for in_f, out_f, r in [(128, 384, 8), (128, 128, 4), (512, 128, 16)]:
-        got = call_learner(extra, in_f, out_f, r)
-        want = r * (in_f + out_f) + out_f
-        if got == want:
-            continue
-        if got == out_f:
-            hint = "that is only the magnitude; count A and B too"
-        elif got == r * (in_f + out_f):
-            hint = "that is plain LoRA; DoRA adds one magnitude per output row"
-        elif got == r * (in_f + out_f) + in_f:
-            hint = "the magnitude has one entry per output row (out_features), not per input"
-        else:
-            hint = "A is r x in, B is out x r, and the magnitude has out entries"
-        raise CheckFailed(f"For in={in_f}, out={out_f}, r={r} you count {got} trainable parameters: {hint}.")
-    # The tiny GPT-2's block matrices, 4 of each kind: c_attn 128->384, c_proj 128->128, c_fc 128->512, c_proj 512->128.
-    shapes = [(128, 384), (128, 128), (128, 512), (512, 128)]
-    dora8 = sum(8 * (i + o) + o for i, o in shapes)
-    want = next(r for r in range(8, 64) if sum(r * (i + o) for i, o in shapes) >= dora8)
-    if not isinstance(smallest_lora_rank, int) or smallest_lora_rank != want:
-        raise CheckFailed(f"DoRA r=8 trains {4 * dora8:,} parameters in the tiny GPT-2's blocks; the smallest LoRA rank "
-                          f"with at least as many is not {smallest_lora_rank!r}: compare the totals rank by rank.")
-    passed(f"Correct: DoRA adds one parameter per output row; LoRA needs r={want} to train as many as DoRA r=8.")
+        update = (alpha / r) * (B @ A).T  # (in, out)
+        factor = m / norm  # one per output feature: a column of the (in, out) weight
+        wrong = [
+            (merged / factor[:, None] - update if in_f == out_f else None,
+             "you divided each row of the (in, out) weight by a factor; each factor belongs to an output feature, "
+             "which is a column here (PEFT's unmerge made this slip, silently on square weights: its issue #3531)"),
+            (merged / factor, "the rescaled weight is unscaled, but the update s B A is still in it: subtract it"),
+            (weight.T, "you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"),
+            (merged - update, "the update is subtracted, but the rescaling by m / norm is not undone first (a norm "
+                              "recomputed from the merged weight cannot undo it: every output feature there has "
+                              "length m, so the factor comes out as 1; the norm merging divided by is gone from "
+                              "the weight, which is why merging keeps it)"),
+            (merged * factor - update, "you multiplied by m / norm again; undo the rescaling by dividing"),
+            (merged / factor - (B @ A).T, "the update you subtract is not scaled: it is (alpha / r) B A"),
+            (merged / factor - (alpha / r) * (B @ A) if in_f == out_f else None,
+             "B A is (out, in): transpose it before subtracting it from the (in, out) weight"),
+        ]
+        hint = next((h for v, h in wrong if v is not None and torch.allclose(got, v, atol=1e-8)),
+                    "it is none of the usual slips (axis, order, scale, layout): undo the merge of one output "
+                    "feature by hand and compare")
+        raise CheckFailed(f"{setting}, your W0 is off by up to {(got - weight).abs().max().item():.3g}: {hint}.")
+    passed("Correct: each output feature, a column of Conv1D's weight, divided by its m / norm, and then the "
+           "update s B A taken away, in Conv1D's layout.")
 
 
 # Exercise 6.5 trains the tiny GPT-2's magnitudes alone; a run that learned something gets at
