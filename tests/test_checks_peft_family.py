@@ -5,9 +5,8 @@ import torch
 import torch.nn as nn
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.peft_family import check_bitfit_parameters, check_ia3_merge, check_prompt_tuned_logits
-from lora_edu.peft_family import PromptTuned, add_bitfit
-from lora_edu.lora import count_parameters
+from lora_edu.checks.peft_family import check_ia3_merge, check_prompt_tuned_logits, check_vera_merge
+from lora_edu.peft_family import PromptTuned, VeRALinear
 
 
 def stub(*args):
@@ -19,38 +18,64 @@ def expect(check, fn, message):
         check(fn)
 
 
-# --- Exercise 8.1: BitFit's count ---
+# --- Exercise 8.1: VeRA merged by hand ---
 
-def bitfit_right(model):
-    return sum(p.numel() for name, p in model.named_parameters() if name.endswith(".bias"))
-
-
-def bitfit_by_the_package(model):
-    return count_parameters(add_bitfit(model))[0]
+def vera_right(weight, A, B, d, b):
+    out, fan_in = weight.shape
+    return weight + (b[:, None] * B[:out]) @ (d[:, None] * A[:, :fan_in])
 
 
-WRONG_BITFIT = {
-    "linear biases only": (lambda m: sum(x.bias.numel() for x in m.modules() if isinstance(x, nn.Linear)
-                                         and x.bias is not None), "LayerNorm has a bias"),
-    "LayerNorm gains too": (lambda m: bitfit_right(m) + sum(x.weight.numel() for x in m.modules()
-                                                            if isinstance(x, nn.LayerNorm)), "gains"),
-    "every parameter": (lambda m: sum(p.numel() for p in m.parameters()), "every parameter"),
-    "blocks only": (lambda m: sum(p.numel() for n, p in m.named_parameters() if n.endswith(".bias") and ".h." in n),
-                    "ln_f"),
-    "the tiny model's number by heart": (lambda m: 5760, "For a 2-layer GPT2"),
+def vera_by_the_package(weight, A, B, d, b):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], dtype=weight.dtype)
+    vera = VeRALinear(layer, A, B)
+    with torch.no_grad():
+        layer.weight.copy_(weight), vera.d.copy_(d), vera.b.copy_(b)
+    return vera.merged().weight.detach()
+
+
+def vera_in_place(weight, A, B, d, b):
+    weight += (b[:, None] * B[:weight.shape[0]]) @ (d[:, None] * A[:, :weight.shape[1]])
+    return weight
+
+
+def vera_wrong(update):
+    def merge(weight, A, B, d, b):
+        out, fan_in = weight.shape
+        return update(weight, A[:, :fan_in], B[:out], d, b)
+    return merge
+
+
+WRONG_VERA = {
+    "the update alone": (vera_wrong(lambda w, A, B, d, b: (b[:, None] * B) @ (d[:, None] * A)), "update alone"),
+    "transposed": (vera_wrong(lambda w, A, B, d, b: (w + (b[:, None] * B) @ (d[:, None] * A)).T),
+                          "a layer from 6 to 24 features.*transpose"),
+    "transposed update, square layer": (
+        lambda w, A, B, d, b: vera_right(w, A, B, d, b) if w.shape[0] != w.shape[1]
+        else w + ((b[:, None] * B[:6]) @ (d[:, None] * A[:, :6])).T, "from 6 to 6 features.*transposed"),
+    "b left out": (vera_wrong(lambda w, A, B, d, b: w + B @ (d[:, None] * A)), "b is missing"),
+    "d left out": (vera_wrong(lambda w, A, B, d, b: w + (b[:, None] * B) @ A), "d is missing"),
+    "both left out": (vera_wrong(lambda w, A, B, d, b: w + B @ A), "both missing"),
+    "nothing added": (lambda w, A, B, d, b: w, "nothing was added"),
+    "unsliced": (lambda w, A, B, d, b: (b[:w.shape[0], None] * B) @ (d[:, None] * A), "size of the shared"),
+    "the trailing slices": (lambda w, A, B, d, b: w + (b[:, None] * B[-w.shape[0]:]) @ (d[:, None] * A[:, -w.shape[1]:]),
+                            "other parts of the shared matrices"),
+    "scales by d twice": (vera_wrong(lambda w, A, B, d, b: w + (b[:, None] * B) @ (d[:, None] ** 2 * A)),
+                          "one matrix applied to x"),
+    "wrong shape": (lambda w, A, B, d, b: w[:, :1], "keeps the layer's shape"),
+    "not a tensor": (lambda w, A, B, d, b: w.tolist(), "torch.Tensor"),
     "stub": (stub, "still the stub"),
 }
 
 
-@pytest.mark.parametrize("right", [bitfit_right, bitfit_by_the_package])
-def test_bitfit_accepts(right, capsys):
-    check_bitfit_parameters(right)
+@pytest.mark.parametrize("right", [vera_right, vera_by_the_package, vera_in_place])
+def test_vera_merge_accepts(right, capsys):
+    check_vera_merge(right)
     assert capsys.readouterr().out.startswith("Correct")
 
 
-@pytest.mark.parametrize("name", WRONG_BITFIT)
-def test_bitfit_rejects(name):
-    expect(check_bitfit_parameters, *WRONG_BITFIT[name])
+@pytest.mark.parametrize("name", WRONG_VERA)
+def test_vera_merge_rejects(name):
+    expect(check_vera_merge, *WRONG_VERA[name])
 
 
 # --- Exercise 8.2: (IA)³ merged into c_attn ---

@@ -43,7 +43,7 @@ from lora_edu.checks.nf4_quantization import (
     check_pack_unpack,
     check_quantize_block,
 )
-from lora_edu.checks.peft_family import check_bitfit_parameters, check_ia3_merge, check_prompt_tuned_logits
+from lora_edu.checks.peft_family import check_ia3_merge, check_prompt_tuned_logits, check_vera_merge
 from lora_edu.checks.qlora_gpt2 import (
     check_blocksize_experiment,
     check_fine_tuning_bytes,

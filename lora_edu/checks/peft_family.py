@@ -1,4 +1,4 @@
-"""Checkers for chapter 8's exercises: BitFit's count, (IA)³ merged into c_attn, prompt tuning's forward pass."""
+"""Checkers for chapter 8's exercises: VeRA merged by hand, (IA)³ merged into c_attn, prompt tuning's forward pass."""
 
 from __future__ import annotations
 
@@ -8,40 +8,66 @@ import torch
 import torch.nn as nn
 
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
-from lora_edu.gpt2 import GPT2, GPT2Config, load_tiny
-from lora_edu.peft_family import PromptTuned, ScaleOutput
+from lora_edu.gpt2 import load_tiny
+from lora_edu.peft_family import PromptTuned, ScaleOutput, VeRALinear
 
-__all__ = ["check_bitfit_parameters", "check_ia3_merge", "check_prompt_tuned_logits"]
-
-
-def _models() -> dict[str, nn.Module]:
-    """The tiny GPT-2 and a smaller one of another shape, so that no count can be learned by heart."""
-    torch.manual_seed(0)
-    other = GPT2(GPT2Config(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=48))
-    return {"the tiny GPT-2": load_tiny(), "a 2-layer GPT2 of width 48": other}
+__all__ = ["check_vera_merge", "check_ia3_merge", "check_prompt_tuned_logits"]
 
 
-def check_bitfit_parameters(bitfit_parameters: Callable) -> None:
-    """Exercise 8.1: ``bitfit_parameters(model)``, how many numbers BitFit trains in a GPT2."""
-    for name, model in _models().items():
-        got = call_learner(bitfit_parameters, model)
-        params = dict(model.named_parameters())
-        want = sum(p.numel() for n, p in params.items() if n.endswith(".bias"))
-        if got == want:
+def check_vera_merge(merge_vera: Callable) -> None:
+    """Exercise 8.1: ``merge_vera(weight, A, B, d, b)``, the weight of a plain layer computing what VeRA did."""
+    g = torch.Generator().manual_seed(0)
+    width, rank = 6, 5
+    A_shared = torch.randn(rank, 4 * width, generator=g, dtype=torch.float64)
+    B_shared = torch.randn(4 * width, rank, generator=g, dtype=torch.float64)
+    # (in, out): like GPT-2's c_fc, its MLP's c_proj, and a square c_proj of the attention
+    for fan_in, fan_out in ((width, 4 * width), (4 * width, width), (width, width)):
+        layer = nn.Linear(fan_in, fan_out, dtype=torch.float64)
+        vera = VeRALinear(layer, A_shared, B_shared)
+        with torch.no_grad():
+            vera.d.copy_(0.1 + torch.randn(rank, generator=g, dtype=torch.float64))
+            vera.b.copy_(torch.randn(fan_out, generator=g, dtype=torch.float64))
+        d, b = vera.d.detach(), vera.b.detach()
+        weight = layer.weight.detach()
+        x = torch.randn(7, fan_in, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            want = vera(x)
+        answer = expect_tensor(call_learner(merge_vera, weight.clone(), A_shared.clone(), B_shared.clone(),
+                                            d.clone(), b.clone()), "merge_vera")
+        setting = f"a layer from {fan_in} to {fan_out} features"
+        if answer.shape != weight.shape:
+            if answer.shape == weight.T.shape:
+                hint = "that is the transpose: an nn.Linear weight is (out, in), one row per output"
+            elif answer.shape == (B_shared.shape[0], A_shared.shape[1]):
+                hint = ("that is the size of the shared matrices, drawn for the largest layer: "
+                        "this layer uses only part of them")
+            else:
+                hint = "the merged weight replaces the layer's own, so it keeps the layer's shape"
+            raise CheckFailed(f"For {setting} the merged weight should have shape {tuple(weight.shape)}, got "
+                              f"{tuple(answer.shape)}: {hint}.")
+        got = x @ answer.double().T + layer.bias.detach()
+        if torch.allclose(got, want, atol=1e-10):
             continue
-        linear = sum(m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear) and m.bias is not None)
-        norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
-        in_blocks = sum(p.numel() for n, p in params.items() if n.endswith(".bias") and ".h." in n)
-        wrong = {
-            linear: "that counts the linear layers' biases only: every LayerNorm has a bias too",
-            want + sum(m.weight.numel() for m in norms): "that counts the LayerNorms' weights (their gains) as well: "
-                                                         "BitFit trains bias terms only",
-            sum(p.numel() for p in params.values()): "that is every parameter of the model",
-            in_blocks: "the final LayerNorm (transformer.ln_f) has a bias too",
-        }
-        hint = wrong.get(got, "count every parameter whose name ends in '.bias': linear layers and LayerNorms")
-        raise CheckFailed(f"For {name} BitFit trains {want:,} numbers, but you count {got!r}: {hint}.")
-    passed("Correct: BitFit trains every bias, the linear layers' and the LayerNorms', and nothing else.")
+        A, B = A_shared[:, :fan_in], B_shared[:fan_out]
+        update = (b[:, None] * B) @ (d[:, None] * A)
+        wrong = [
+            (update, "you returned the update alone: the merged layer must still compute the base layer's W x"),
+            (weight + update.T if fan_in == fan_out else None,
+             "your update is transposed: in an nn.Linear weight, rows are outputs and columns inputs"),
+            (weight + B @ (d[:, None] * A), "b is missing: VeRA scales each output of B's product by b"),
+            (weight + (b[:, None] * B) @ A, "d is missing: VeRA scales each of the r middle features by d"),
+            (weight + B @ A, "d and b are both missing: B A alone is VeRA's frozen random part, and d and b are what it trained"),
+            (weight + (b[:, None] * B_shared[-fan_out:]) @ (d[:, None] * A_shared[:, -fan_in:]),
+             "you took other parts of the shared matrices than VeRALinear does: it keeps their leading "
+             "columns of A and rows of B"),
+            (weight, "nothing was added: the trained d and b must change the weight"),
+        ]
+        error = (got - want).abs().max().item()
+        hint = next((h for w, h in wrong if w is not None and torch.allclose(answer.double(), w, atol=1e-10)),
+                    "write VeRA's extra output as one matrix applied to x, and add that matrix to the weight")
+        raise CheckFailed(f"For {setting} your merged layer's outputs are off by up to {error:.3g}: {hint}.")
+    passed("Correct: VeRA's extra output is a rank-r matrix, diag(b) B diag(d) A with A and B sliced to "
+           "the layer, so it adds to the weight like LoRA's B A; the three shapes all merge exactly.")
 
 
 def check_ia3_merge(merge_ia3_into_qkv: Callable) -> None:
