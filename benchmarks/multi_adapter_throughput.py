@@ -1,4 +1,5 @@
-"""Throughput of one batch whose rows use different LoRA adapters, as the number of distinct adapters grows.
+"""Throughput of one batch whose rows use different LoRA adapters, as the number of distinct adapters grows:
+prefill (whole prompts) and decode (one new token per request).
 
 Punica's experiment at our scale: a pool of 64 LoRA adapters (rank 8 on every block
 matrix, random weights: speed does not depend on what they hold) over one base model;
@@ -6,15 +7,27 @@ batches of ``batch_size`` rows of ``seq_len`` tokens whose rows use ``n`` distin
 for n = 1, 2, 4, ... up to the batch size, in Punica's request layouts: ``uniform`` (each
 of the n adapters takes the same share of rows) and ``zipf`` (shares following a Zipf law,
 exponent 1.5, at least one row each). n = 1 is Punica's ``identical`` layout and n = the
-batch size its ``distinct`` one. One forward pass of the batch, in eval mode, per method:
+batch size its ``distinct`` one. One forward pass of the batch, in eval mode, per method,
+in two phases:
+
+- ``prefill``: every request's ``seq_len`` prompt tokens at once (both layouts);
+- ``decode``: one token per request (``seq_len`` = 1, uniform layout). Our GPT2 has no KV
+  cache, so this is the forward pass of a one-token batch without attention over past
+  tokens: the linear layers, where every LoRA cost lives, do exactly a decode step's work
+  (a (batch, in) input), and the attention over the cache, the same for every method and
+  part of the base model's cost, is left out. The ratio to the base model is therefore an
+  upper bound on a real decode step's LoRA overhead.
+
+The methods:
 
 - ``base``: our GPT2 with no adapter (the ceiling);
 - ``merge_swap``: our GPT2; for each distinct adapter, merge it, run its rows, unmerge;
-- ``bgmv`` and ``sgmv``: ``lora_edu.serving.MultiAdapterModel`` with either kernel;
+- ``gather_bmm`` and ``sgmv``: ``lora_edu.serving.MultiAdapterModel`` with either kernel
+  (per-token gathered copies and batched products; segments of tokens);
 - ``base_hf`` and ``peft_mixed``: Hugging Face's GPT-2 alone, and with PEFT's mixed-batch
   inference (``adapter_names=``), which loops over the distinct adapters in each layer.
 
-Tokens per second is ``batch_size * seq_len`` over the median time of a forward pass, timed
+Tokens per second is ``batch_size * seq_len`` (``batch_size`` in decode) over the median time of a forward pass, timed
 in interleaved rounds. Ratios to the base model of the same implementation are what
 compare across methods.
 
@@ -47,9 +60,10 @@ CPU = {"shapes": {"tiny": {"batch_size": 64, "seq_len": 32, "adapters": [1, 2, 4
 GPU = {"shapes": {"tiny": {"batch_size": 64, "seq_len": 128, "adapters": [1, 2, 4, 8, 16, 32, 64]},
                   "gpt2": {"batch_size": 64, "seq_len": 128, "adapters": [1, 2, 4, 8, 16, 32, 64]}},
        "rounds": 3}  # about a minute on one H100: it fits the GPU run (scripts/gpu_check.sh)
+LAYOUTS_ALL = ("uniform", "zipf")
 QUICK = {"shapes": {"tiny": {"batch_size": 8, "seq_len": 8, "adapters": [1, 2, 8]}}, "rounds": 2}
-METHODS = ("base", "merge_swap", "bgmv", "sgmv", "base_hf", "peft_mixed")
-LAYOUTS = ("uniform", "zipf")
+METHODS = ("base", "merge_swap", "gather_bmm", "sgmv", "base_hf", "peft_mixed")
+PHASES = {"prefill": LAYOUTS_ALL, "decode": ("uniform",)}
 
 
 def rows_per_adapter(layout: str, n: int, batch_size: int) -> list[int]:
@@ -157,7 +171,7 @@ def measure_shape(shape: str, plan: dict, rounds: int, device: str, folder: Path
     peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), ours["adapter0"], adapter_name="adapter0")
     for name, path in list(ours.items())[1:]:
         peft_model.load_adapter(path, adapter_name=name)
-    models = {"bgmv": MultiAdapterModel(copy.deepcopy(base), ours, kernel="bgmv"),
+    models = {"gather_bmm": MultiAdapterModel(copy.deepcopy(base), ours, kernel="gather_bmm"),
               "sgmv": MultiAdapterModel(copy.deepcopy(base), ours, kernel="sgmv"),
               "merge_swap": MergeSwap(base, ours), "peft_mixed": peft_model.eval()}
     for model in (base, hf, *models.values()):
@@ -165,42 +179,49 @@ def measure_shape(shape: str, plan: dict, rounds: int, device: str, folder: Path
             model.to(device)
     if device != "cpu":
         models["merge_swap"].model.to(device)
-    batch_size, seq_len = plan["batch_size"], min(plan["seq_len"], config.block_size)
-    idx = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(1)).to(device)
-    # First, that every method computes the same thing: each row with its own adapter.
-    names = adapter_names("uniform", min(batch_size, POOL), batch_size)
-    with torch.inference_mode():
-        want = models["bgmv"](idx, names)
-        differences = {"sgmv": models["sgmv"](idx, names), "merge_swap": models["merge_swap"](idx, names),
-                       "peft_mixed": models["peft_mixed"](input_ids=idx, adapter_names=names).logits}
-    rows = [{"shape": shape, "method": "check", "distinct_adapters": len(set(names)),
-             "max_abs_logit_difference_from_bgmv": {m: (v - want).abs().max().item() for m, v in differences.items()}}]
-    for layout in LAYOUTS:
-        for n in plan["adapters"]:
-            if n > batch_size or (layout == "zipf" and n in (1, batch_size)):
-                continue  # n = 1 and n = batch size are the same batch in either layout
-            names = adapter_names(layout, n, batch_size)
-            with torch.inference_mode():
-                calls = {
-                    "base": lambda: base(idx),
-                    "merge_swap": lambda: models["merge_swap"](idx, names),
-                    "bgmv": lambda: models["bgmv"](idx, names),
-                    "sgmv": lambda: models["sgmv"](idx, names),
-                    "base_hf": lambda: hf(input_ids=idx),
-                    "peft_mixed": lambda: models["peft_mixed"](input_ids=idx, adapter_names=names),
-                }
-                seconds = median_seconds(calls, rounds, device)
-            for method in METHODS:
-                reference = seconds["base_hf" if method in ("base_hf", "peft_mixed") else "base"]
-                rows.append({"shape": shape, "layout": layout, "distinct_adapters": n, "method": method,
-                             "batch_size": batch_size, "seq_len": seq_len, "median_seconds": seconds[method],
-                             "tokens_per_second": batch_size * seq_len / seconds[method],
-                             "relative_to_base": reference / seconds[method]})
-            print(f"{device} {shape:5s} {layout:7s} n={n:2d}  " + "  ".join(
-                f"{m} {batch_size * seq_len / seconds[m]:8.0f}" for m in METHODS) + " tok/s", flush=True)
+    batch_size, prompt_len = plan["batch_size"], min(plan["seq_len"], config.block_size)
+    prompt = torch.randint(0, config.vocab_size, (batch_size, prompt_len),
+                           generator=torch.Generator().manual_seed(1)).to(device)
+    rows = []
+    for phase, layouts in PHASES.items():
+        idx = prompt if phase == "prefill" else prompt[:, -1:]  # decode: one token per request
+        seq_len = idx.shape[1]
+        # First, that every method computes the same thing: each row with its own adapter.
+        names = adapter_names("uniform", min(batch_size, POOL), batch_size)
+        with torch.inference_mode():
+            want = models["gather_bmm"](idx, names)
+            differences = {"sgmv": models["sgmv"](idx, names), "merge_swap": models["merge_swap"](idx, names),
+                           "peft_mixed": models["peft_mixed"](input_ids=idx, adapter_names=names).logits}
+        rows.append({"shape": shape, "phase": phase, "method": "check", "distinct_adapters": len(set(names)),
+                     "max_abs_logit_difference_from_gather_bmm": {m: (v - want).abs().max().item()
+                                                                  for m, v in differences.items()}})
+        for layout in layouts:
+            for n in plan["adapters"]:
+                if n > batch_size or (layout == "zipf" and n in (1, batch_size)):
+                    continue  # n = 1 and n = batch size are the same batch in either layout
+                names = adapter_names(layout, n, batch_size)
+                with torch.inference_mode():
+                    calls = {
+                        "base": lambda: base(idx),
+                        "merge_swap": lambda: models["merge_swap"](idx, names),
+                        "gather_bmm": lambda: models["gather_bmm"](idx, names),
+                        "sgmv": lambda: models["sgmv"](idx, names),
+                        "base_hf": lambda: hf(input_ids=idx),
+                        "peft_mixed": lambda: models["peft_mixed"](input_ids=idx, adapter_names=names),
+                    }
+                    seconds = median_seconds(calls, rounds, device)
+                for method in METHODS:
+                    reference = seconds["base_hf" if method in ("base_hf", "peft_mixed") else "base"]
+                    rows.append({"shape": shape, "phase": phase, "layout": layout, "distinct_adapters": n,
+                                 "method": method, "batch_size": batch_size, "seq_len": seq_len,
+                                 "median_seconds": seconds[method],
+                                 "tokens_per_second": batch_size * seq_len / seconds[method],
+                                 "relative_to_base": reference / seconds[method]})
+                print(f"{device} {shape:5s} {phase:7s} {layout:7s} n={n:2d}  " + "  ".join(
+                    f"{m} {batch_size * seq_len / seconds[m]:8.0f}" for m in METHODS) + " tok/s", flush=True)
     rows.append({"shape": shape, "method": "pool", "adapters": POOL, "rank": R,
-                 "pool_bytes": models["bgmv"].pool_bytes(),
-                 "kv_cache_bytes": 2 * config.n_layer * batch_size * seq_len * config.n_embd * 4})
+                 "pool_bytes": models["gather_bmm"].pool_bytes(),
+                 "kv_cache_bytes": 2 * config.n_layer * batch_size * prompt_len * config.n_embd * 4})
     return rows
 
 
@@ -217,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows += measure_shape(shape, shape_plan, plan["rounds"], device, Path(folder))
     config = {**plan, "quick": args.quick, "pool_adapters": POOL, "r": R, "alpha": ALPHA, "targets": TARGETS,
               "zipf_exponent": ZIPF, "dtype": "float32",
+              "phases": {"prefill": "the batch's whole prompts, both layouts",
+                         "decode": "one token per request (the prompt's last), uniform layout, no KV cache: the "
+                                   "linear layers do a decode step's work; attention over past tokens is left out"},
               "statistic": "median seconds per forward pass of the batch, torch.inference_mode, interleaved"}
     record = run_record("multi_adapter_throughput", config, rows, device=device, start=start,
                         libraries=("peft", "transformers"))

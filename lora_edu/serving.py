@@ -1,17 +1,37 @@
-"""Serving many LoRA adapters from one base model, a different adapter for each row of a batch.
+"""Serving many LoRA (and DoRA) adapters from one base model, a different adapter for each token of a batch.
 
-A merged adapter serves one task; a batch that mixes tasks needs each row's own low-rank
-update on top of one shared base. The adapters live in a *pool*: for every adapted layer,
-``A`` of shape (n_adapters, r_max, in), ``B`` of shape (n_adapters, out, r_max) and a
-``scaling`` per adapter, adapters of lower rank zero-padded to ``r_max`` (as vLLM's
-``max_lora_rank``). Each row of the batch names its adapter by index, and ``-1`` means
-none: the row gets the base model alone.
+A merged adapter serves one task; a batch that mixes tasks needs each request's own
+low-rank update on top of one shared base. The adapters live in a *pool*: for every
+adapted layer, ``A`` of shape (n_adapters, r_max, in), ``B`` of shape (n_adapters, out,
+r_max) and a ``scaling`` per adapter, adapters of lower rank zero-padded to ``r_max`` (as
+vLLM's ``max_lora_rank``; S-LoRA's kernels avoid the padding, ours do not).
 
-- :func:`lora_loop`: the reference, one row at a time.
-- :func:`bgmv`: Punica's batched gather matrix-vector product: every row gathers its own
-  ``A`` and ``B`` from the pool, and two batched products do the rest.
-- :func:`sgmv`: Punica's segmented version: rows sorted by adapter, one pair of matrix
-  products per contiguous segment (per distinct adapter), not per row.
+The kernels see a flat list of tokens, ``x`` of shape (tokens, in), and one adapter index
+per token, ``indices`` of shape (tokens,), ``-1`` for none (the base model alone). A
+layer flattens (batch, seq) into tokens and repeats each request's index for its tokens,
+so prefill (many tokens per request) and decode (one token per request) are served by the
+same call, as vLLM does.
+
+- :func:`lora_loop`: the reference, one token at a time.
+- :func:`gather_bmm`: every token gathers its own ``A`` and ``B`` from the pool into
+  (tokens, r_max, in) and (tokens, out, r_max) copies, and two batched products do the
+  rest: the gather-then-batched-matmul layout that S-LoRA's evaluation runs, with padding,
+  in place of its own kernels (its "S-LoRA-bmm"). Punica's and vLLM's BGMV does the same
+  arithmetic per token in one fused kernel that reads the pool in place and never writes
+  the gathered copies (the decode kernel).
+- :func:`sgmv`: tokens grouped into segments by adapter, one pair of matrix products per
+  segment: the layout of Punica's SGMV, which does every segment in one kernel launch
+  where ours loops over segments in Python.
+
+DoRA adapters mix in the same batch. At inference a DoRA layer's rescaling
+``g = m / ||W0 + s B A||`` (row norms of the (out, in) weight) depends on no input, so
+the pool computes it once when the adapter is loaded and keeps ``g`` of shape
+(n_adapters, out), ones for LoRA adapters, for adapters that do not target the layer and
+for index ``-1``. A token with adapter ``i`` gets
+
+    y = base(x) + (g_i - 1) * (W0 x) + g_i * s_i B_i A_i x,
+
+with ``W0 x`` the base output less its bias: the bias is not rescaled, as in PEFT.
 
 :class:`MultiAdapterModel` puts a pool in every layer that some adapter targets, on one
 copy of the base model (ours or Hugging Face's GPT-2), and runs ``model(idx,
@@ -41,7 +61,7 @@ from lora_edu.lora import (
     lora_layers,
 )
 
-__all__ = ["MultiAdapterModel", "MultiLoRALinear", "bgmv", "lora_loop", "segments", "sgmv"]
+__all__ = ["MultiAdapterModel", "MultiLoRALinear", "dora_scale", "gather_bmm", "lora_loop", "segments", "sgmv"]
 
 
 def _check_pool(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
@@ -59,10 +79,11 @@ def _check_pool(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torc
                          f"got {tuple(B.shape)}")
     if scaling.shape != (n,):
         raise ValueError(f"scaling must have one entry per adapter, shape ({n},), got {tuple(scaling.shape)}")
-    if x.dim() not in (2, 3) or x.shape[-1] != in_features:
-        raise ValueError(f"x must be (batch, in) or (batch, seq, in) with in = {in_features}, got {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[-1] != in_features:
+        raise ValueError(f"x must be a flat list of tokens, (tokens, in) with in = {in_features}, got "
+                         f"{tuple(x.shape)}; flatten (batch, seq, in) and repeat each row's index per token")
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.shape != (x.shape[0],):
-        raise ValueError(f"indices must be a long tensor with one adapter index per row of x, shape "
+        raise ValueError(f"indices must be a long tensor with one adapter index per token of x, shape "
                          f"({x.shape[0]},), got {getattr(indices, 'dtype', type(indices).__name__)} "
                          f"{tuple(getattr(indices, 'shape', ()))}")
     if len(indices) and (indices.min() < -1 or indices.max() >= n):
@@ -72,36 +93,45 @@ def _check_pool(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torc
 
 def lora_loop(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
               scaling: torch.Tensor) -> torch.Tensor:
-    """The reference: row by row, ``scaling[i] * B[i] A[i] x`` for the row's adapter ``i``; 0 where ``i = -1``."""
+    """The reference: token by token, ``scaling[i] * B[i] A[i] x`` for the token's adapter ``i``; 0 where ``i = -1``.
+
+    x (tokens, in); A (n_adapters, r_max, in); B (n_adapters, out, r_max); indices
+    (tokens,) long, ``-1`` for no adapter; scaling (n_adapters,). Returns (tokens, out).
+    """
     _check_pool(x, A, B, indices, scaling)
-    out = x.new_zeros(*x.shape[:-1], B.shape[1])
-    for row, adapter in enumerate(indices.tolist()):
+    out = x.new_zeros(x.shape[0], B.shape[1])
+    for token, adapter in enumerate(indices.tolist()):
         if adapter >= 0:
-            out[row] = (x[row] @ A[adapter].T) @ B[adapter].T * scaling[adapter]
+            out[token] = (x[token] @ A[adapter].T) @ B[adapter].T * scaling[adapter]
     return out
 
 
-def bgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
-         scaling: torch.Tensor) -> torch.Tensor:
-    """The LoRA delta of every row with its own adapter, by gathering: Punica's BGMV.
+def gather_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
+               scaling: torch.Tensor) -> torch.Tensor:
+    """The LoRA delta of every token with its own adapter, by gathering copies and two batched products.
 
-    x (batch, in) or (batch, seq, in); A (n_adapters, r_max, in); B (n_adapters, out,
-    r_max); indices (batch,) long, ``-1`` for no adapter; scaling (n_adapters,). Returns the
-    delta, shaped like x with ``out`` features, to add to the base layer's output.
+    Takes what :func:`lora_loop` takes. Each token gathers its adapter's ``A`` and ``B``
+    into (tokens, r_max, in) and (tokens, out, r_max) copies, then ``einsum`` does one
+    matrix-vector product per token, all at once. That is the arithmetic of Punica's BGMV
+    (one gathered matrix-vector product per token, the decode kernel), but BGMV is one
+    fused kernel that reads each token's slice of the pool in place and never writes the
+    copies; this is the gather-then-batched-matmul layout that S-LoRA's evaluation runs in
+    place of its kernels. Its memory traffic grows with the number of tokens, so it suits
+    decode (one token per request) far better than prefill.
     """
     _check_pool(x, A, B, indices, scaling)
     active = indices >= 0
-    # -1 gathers adapter 0 (any would do) and the row is zeroed below. Gathering A[-1], as
-    # an indexing shortcut would, silently gives the row the *last* adapter instead.
+    # -1 gathers adapter 0 (any would do) and the token is zeroed below. Gathering A[-1], as
+    # an indexing shortcut would, silently gives the token the *last* adapter instead.
     gathered = indices.clamp(min=0)
-    shrink = torch.einsum("b...i,bri->b...r", x, A[gathered])  # (batch, [seq,] r_max)
-    expand = torch.einsum("b...r,bor->b...o", shrink, B[gathered])  # (batch, [seq,] out)
-    per_row = torch.where(active, scaling[gathered], 0).view(-1, *[1] * (x.dim() - 1))
-    return torch.where(per_row != 0, expand * per_row, 0)
+    shrink = torch.einsum("ti,tri->tr", x, A[gathered])  # (tokens, r_max)
+    expand = torch.einsum("tr,tor->to", shrink, B[gathered])  # (tokens, out)
+    per_token = torch.where(active, scaling[gathered], 0)[:, None]
+    return torch.where(per_token != 0, expand * per_token, 0)
 
 
 def segments(indices: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
-    """Rows grouped by adapter: (the stable order that sorts them, each segment's adapter, its length)."""
+    """Tokens grouped by adapter: (the stable order that sorts them, each segment's adapter, its length)."""
     order = torch.argsort(indices, stable=True)
     adapters, counts = torch.unique_consecutive(indices[order], return_counts=True)
     return order, adapters.tolist(), counts.tolist()
@@ -109,35 +139,51 @@ def segments(indices: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]
 
 def sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tensor,
          scaling: torch.Tensor) -> torch.Tensor:
-    """The same delta as :func:`bgmv`, one pair of matrix products per distinct adapter: Punica's SGMV.
+    """The same delta as :func:`gather_bmm`, one pair of matrix products per segment of tokens: SGMV's layout.
 
-    Rows are grouped into contiguous segments by adapter (sorted if they are not already),
-    so each adapter's A and B are read once per batch, not once per row.
+    Tokens are grouped into contiguous segments by adapter (sorted if they are not
+    already), so each adapter's A and B are read once per call, not once per token: the
+    prefill case, where a request brings many tokens. Punica's SGMV does every segment in
+    one kernel launch (and serves prefill and decode tokens in one batch); this loops over
+    the segments in Python, one launch each.
     """
     _check_pool(x, A, B, indices, scaling)
     order, adapters, counts = segments(indices)
-    out = x.new_zeros(*x.shape[:-1], B.shape[1])
+    out = x.new_zeros(x.shape[0], B.shape[1])
     start = 0
     for adapter, count in zip(adapters, counts):
-        rows = order[start:start + count]
+        tokens = order[start:start + count]
         start += count
         if adapter >= 0:
-            out[rows] = (x[rows] @ A[adapter].T) @ B[adapter].T * scaling[adapter]
+            out[tokens] = (x[tokens] @ A[adapter].T) @ B[adapter].T * scaling[adapter]
     return out
 
 
-KERNELS = {"bgmv": bgmv, "sgmv": sgmv, "loop": lora_loop}
+KERNELS = {"gather_bmm": gather_bmm, "sgmv": sgmv, "loop": lora_loop}
+
+
+def dora_scale(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+               magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's inference-time rescaling of one adapter on one layer: ``m / ||W0 + s B A||``, shape (out,).
+
+    ``weight`` is W0 laid out (out, in) (transpose a GPT-2 Conv1D's first); the norm is
+    taken per output row, as PEFT and :class:`~lora_edu.dora.DoRALinear` take it.
+    """
+    return magnitude / torch.linalg.norm(weight + (B @ A) * scaling, dim=1)
 
 
 class MultiLoRALinear(nn.Module):
-    """A frozen linear layer plus a pool of LoRA adapters; each row of a batch uses its own.
+    """A frozen linear layer plus a pool of LoRA (and DoRA) adapters; each token uses its own.
 
-    ``indices`` (one adapter index per row, -1 for none) is set by :class:`MultiAdapterModel`
-    for the length of one call. The pool holds A (n_adapters, r_max, in), B (n_adapters,
-    out, r_max) and scaling (n_adapters,) as buffers: served, not trained.
+    ``indices`` (one adapter index per row of the batch, or per token: shape x.shape[:-1];
+    -1 for none) is set by :class:`MultiAdapterModel` for the length of one call. The pool
+    holds A (n_adapters, r_max, in), B (n_adapters, out, r_max) and scaling (n_adapters,)
+    as buffers: served, not trained. A layer that some DoRA adapter targets also holds
+    ``g`` (n_adapters, out), each adapter's ``m / ||W0 + s B A||``, ones for the others.
     """
 
-    def __init__(self, base_layer: nn.Module, n_adapters: int, r_max: int, kernel: str = "bgmv"):
+    def __init__(self, base_layer: nn.Module, n_adapters: int, r_max: int, kernel: str = "gather_bmm",
+                 dora: bool = False):
         super().__init__()
         if not _is_linear(base_layer):
             raise TypeError(f"base_layer must be nn.Linear or a GPT-2 Conv1D, got {type(base_layer).__name__}")
@@ -150,20 +196,43 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("A", torch.zeros(n_adapters, r_max, in_features, **kw))
         self.register_buffer("B", torch.zeros(n_adapters, out_features, r_max, **kw))
         self.register_buffer("scaling", torch.zeros(n_adapters, **kw))
+        self.register_buffer("g", torch.ones(n_adapters, out_features, **kw) if dora else None)
         self.kernel = kernel
         self.indices: torch.Tensor | None = None
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as (out, in), in the pool's dtype."""
+        weight = self.base_layer.weight
+        return (weight.T if _is_conv1d(self.base_layer) else weight).to(self.A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.indices is None:
             raise RuntimeError("a MultiLoRALinear runs inside MultiAdapterModel(idx, adapter_names=...), "
                                "which says which adapter each row uses")
-        delta = KERNELS[self.kernel](x.to(self.A.dtype), self.A, self.B, self.indices, self.scaling)
-        return out + delta.to(out.dtype)
+        lead = x.shape[:-1]
+        indices = self.indices
+        if indices.shape != lead and indices.shape != lead[:1]:
+            raise ValueError(f"indices must hold one adapter index per row ({lead[0]},) or per token "
+                             f"{tuple(lead)} of x, got shape {tuple(indices.shape)}")
+        if indices.shape != lead:  # one index per row: repeat it for each of the row's tokens
+            indices = indices.view(-1, *[1] * (len(lead) - 1)).expand(lead)
+        tokens = x.reshape(-1, x.shape[-1]).to(self.A.dtype)
+        indices = indices.reshape(-1)
+        delta = KERNELS[self.kernel](tokens, self.A, self.B, indices, self.scaling)
+        if self.g is not None:  # DoRA: (g - 1) * W0 x + g * s B A x, the bias not rescaled
+            g = torch.where((indices >= 0)[:, None], self.g[indices.clamp(min=0)], 1)
+            base = out.reshape(-1, self.out_features).to(self.A.dtype)
+            bias = self.base_layer.bias
+            if bias is not None:
+                base = base - bias.to(self.A.dtype)
+            delta = (g - 1) * base + g * delta
+        return out + delta.view(*lead, self.out_features).to(out.dtype)
 
     def extra_repr(self) -> str:
         n, r_max, _ = self.A.shape
-        return f"in={self.in_features}, out={self.out_features}, adapters={n}, r_max={r_max}, kernel={self.kernel}"
+        return (f"in={self.in_features}, out={self.out_features}, adapters={n}, r_max={r_max}, kernel={self.kernel}"
+                + (", dora" if self.g is not None else ""))
 
 
 def _read_adapter(name: str, directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -177,10 +246,6 @@ def _read_adapter(name: str, directory: str | os.PathLike) -> tuple[dict, dict[s
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"adapter {name!r} is a {config.get('peft_type')!r} adapter, not LORA")
-    if config.get("use_dora"):
-        raise ValueError(f"adapter {name!r} is a DoRA adapter: its rescaling needs the whole adapted weight, "
-                         "which a batch of mixed adapters cannot gather per row (PEFT refuses it too); merge it "
-                         "into its own copy of the model instead")
     unsupported = _unsupported_options(config)
     if unsupported:
         raise ValueError(f"adapter {name!r} uses {'; '.join(unsupported)}, which lora_edu does not support")
@@ -189,14 +254,15 @@ def _read_adapter(name: str, directory: str | os.PathLike) -> tuple[dict, dict[s
 
 
 class MultiAdapterModel(nn.Module):
-    """One base model and many LoRA adapters, a different one for each row of a batch.
+    """One base model and many LoRA and DoRA adapters, a different one for each row of a batch.
 
-    ``adapters`` maps a name to an adapter folder in PEFT's format (ours or PEFT's). Every
+    ``adapters`` maps a name to an adapter folder in PEFT's format (ours or PEFT's, plain
+    LoRA, rsLoRA or DoRA: ``use_dora`` adapters get their ``g`` computed here). Every
     layer that some adapter targets gets a :class:`MultiLoRALinear` pool, in place: the
     base model is held once, and an adapter that does not target a layer contributes zero
     there. Ranks may differ; the pool pads them with zeros to the largest (or to
-    ``max_rank``, which refuses any adapter above it). ``kernel`` picks ``"bgmv"``,
-    ``"sgmv"`` or ``"loop"``.
+    ``max_rank``, which refuses any adapter above it). ``kernel`` picks ``"gather_bmm"``,
+    ``"sgmv"`` or ``"loop"``. Every check runs before the base model is touched.
 
     ``model(idx, adapter_names)`` with one name or ``None`` (the base model alone) per row
     returns what each row would get from its adapter loaded alone; keyword arguments go to
@@ -204,7 +270,7 @@ class MultiAdapterModel(nn.Module):
     """
 
     def __init__(self, base_model: nn.Module, adapters: dict[str, str | os.PathLike], max_rank: int | None = None,
-                 kernel: str = "bgmv"):
+                 kernel: str = "gather_bmm"):
         super().__init__()
         if not isinstance(adapters, dict) or not adapters or not all(isinstance(n, str) and n for n in adapters):
             raise ValueError(f"adapters must be a non-empty dict of name -> adapter folder, got {adapters!r}")
@@ -239,17 +305,21 @@ class MultiAdapterModel(nn.Module):
         self.r_max = r_max
         layers = sorted({m for plan in plans.values() for m in plan})
         for module_name in layers:
-            pool = MultiLoRALinear(modules[module_name], len(self.names), r_max, kernel)
+            dora = any(plans[name].get(module_name, (None,) * 3)[2] is not None for name in self.names)
+            pool = MultiLoRALinear(modules[module_name], len(self.names), r_max, kernel, dora=dora)
             with torch.no_grad():
                 for i, name in enumerate(self.names):
                     if module_name not in plans[name]:
-                        continue  # not targeted by this adapter: its slot stays zero
-                    a, b = plans[name][module_name]
+                        continue  # not targeted by this adapter: its slot stays zero (and its g one)
+                    a, b, magnitude = plans[name][module_name]
                     config = read[name][0]
                     pool.A[i, : a.shape[0]] = a
                     pool.B[i, :, : b.shape[1]] = b
                     r = config["r"]
                     pool.scaling[i] = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+                    if magnitude is not None:  # DoRA: g = m / ||W0 + s B A||, once, at load
+                        pool.g[i] = dora_scale(pool.base_weight(), pool.A[i], pool.B[i], pool.scaling[i],
+                                               magnitude.to(pool.g.dtype))
             parent, _, child = module_name.rpartition(".")
             setattr(base_model.get_submodule(parent) if parent else base_model, child, pool)
         for p in base_model.parameters():
@@ -264,6 +334,8 @@ class MultiAdapterModel(nn.Module):
             out_f, in_f = module.weight.shape[::-1] if conv1d else module.weight.shape
             expected[f"{module_name}.lora_A.weight"] = (r, in_f)
             expected[f"{module_name}.lora_B.weight"] = (out_f, r)
+            if config.get("use_dora"):
+                expected[f"{module_name}.magnitude"] = (out_f,)
         problems = [f"missing {k}" for k in expected if k not in state]
         problems += [f"unexpected {k}" for k in state if k not in expected]
         problems += [f"{k} has shape {tuple(state[k].shape)}, this model expects {shape}"
@@ -271,13 +343,14 @@ class MultiAdapterModel(nn.Module):
         if problems:
             shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
             raise ValueError(f"adapter {name!r} does not fit this model (made for another base model?): {shown}")
-        return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"]) for m in chosen}
+        return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"], state.get(f"{m}.magnitude"))
+                for m in chosen}
 
     def pools(self) -> dict[str, MultiLoRALinear]:
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, MultiLoRALinear)}
 
     def pool_bytes(self) -> int:
-        """Bytes of every adapter in every pool (A, B and scaling), padding included."""
+        """Bytes of every adapter in every pool (A, B, scaling and DoRA's g), padding included."""
         return sum(t.numel() * t.element_size() for pool in self.pools().values() for t in pool.buffers())
 
     def indices_for(self, adapter_names, batch_size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@
 #   4. qlora     benchmarks/qlora_memory.py: peak memory and tokens/s, GPT-2 124M to 1.5B, ours against PEFT
 #   5. latency   benchmarks/lora_latency.py: the LoRA paper's Table 1 setting
 #   6. dora      benchmarks/dora_overhead.py: DoRA's step time and memory against LoRA, ours and PEFT's
-#   7. serving   benchmarks/multi_adapter_throughput.py: a batch of mixed adapters, five ways of serving it
+#   7. serving   benchmarks/multi_adapter_throughput.py: a batch of mixed adapters, five ways of serving it, prefill and decode
 #   8. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
 # Everything lands in $OUT (when set, as on the device machine) or gpu_results/: a log, one JSON per
 # benchmark, gpu_check.json (every step's status, the CUDA tests' counts and failures, the chapters'
@@ -96,7 +96,7 @@ if [[ "$MODE" == full ]]; then
     --out "$RESULTS/qlora_memory.json"
   step latency 45 "$PYTHON" benchmarks/lora_latency.py --out "$RESULTS/lora_latency.json"
   step dora 60 "$PYTHON" benchmarks/dora_overhead.py --out "$RESULTS/dora_overhead.json"
-  step serving 100 "$PYTHON" benchmarks/multi_adapter_throughput.py --out "$RESULTS/multi_adapter_throughput.json"
+  step serving 140 "$PYTHON" benchmarks/multi_adapter_throughput.py --out "$RESULTS/multi_adapter_throughput.json"
   step chapters 110 "$PYTHON" scripts/run_notebooks_as_scripts.py --budget 80 \
     --summary "$SCRATCH/chapters_cuda.json" \
     book/05_qlora_gpt2.ipynb book/02_lora_from_scratch.ipynb book/00_meet_the_model.ipynb \

@@ -1,4 +1,5 @@
-"""Serving many adapters: BGMV and SGMV equal the loop, and a mixed batch equals each adapter alone."""
+"""Serving many adapters: the gathered and segmented kernels equal the loop, and a mixed batch of LoRA and DoRA
+adapters equals each adapter alone."""
 
 import copy
 import json
@@ -9,7 +10,7 @@ import torch
 from hf_models import small_hf_gpt2
 from lora_edu.gpt2 import GPT2, GPT2Config, generate
 from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
-from lora_edu.serving import MultiAdapterModel, bgmv, lora_loop, segments, sgmv
+from lora_edu.serving import MultiAdapterModel, MultiLoRALinear, dora_scale, gather_bmm, lora_loop, segments, sgmv
 
 
 def pool(n=4, r_max=3, d_in=6, d_out=5, seed=0, dtype=torch.float64):
@@ -20,14 +21,17 @@ def pool(n=4, r_max=3, d_in=6, d_out=5, seed=0, dtype=torch.float64):
     return A, B, scaling
 
 
-@pytest.mark.parametrize("shape", [(7, 6), (7, 3, 6)], ids=["batch", "batch-seq"])
-def test_bgmv_and_sgmv_equal_the_loop(shape):
+def test_gather_bmm_and_sgmv_equal_the_loop_token_by_token():
     A, B, scaling = pool()
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    indices = torch.tensor([2, -1, 0, 2, 3, -1, 0])  # unsorted, repeated, with rows that use no adapter
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    # tokens of several requests, flattened: unsorted, repeated, with tokens that use no adapter
+    indices = torch.tensor([2, 2, -1, 0, 2, 3, -1, 0, 1])
     want = lora_loop(x, A, B, indices, scaling)
-    assert want[1].abs().max() == 0 and want[0].abs().max() > 0
-    torch.testing.assert_close(bgmv(x, A, B, indices, scaling), want, rtol=1e-12, atol=1e-12)
+    assert want[2].abs().max() == 0 and want[0].abs().max() > 0
+    for token, i in enumerate(indices.tolist()):  # the loop itself, against the formula
+        expected = torch.zeros(5, dtype=torch.float64) if i < 0 else scaling[i] * B[i] @ (A[i] @ x[token])
+        torch.testing.assert_close(want[token], expected)
+    torch.testing.assert_close(gather_bmm(x, A, B, indices, scaling), want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(sgmv(x, A, B, indices, scaling), want, rtol=1e-12, atol=1e-12)
 
 
@@ -35,7 +39,7 @@ def test_minus_one_is_no_adapter_not_the_last_one():
     A, B, scaling = pool()
     x = torch.randn(3, 6, dtype=torch.float64)
     indices = torch.tensor([-1, 3, -1])
-    delta = bgmv(x, A, B, indices, scaling)
+    delta = gather_bmm(x, A, B, indices, scaling)
     assert delta[0].abs().max() == 0 and delta[2].abs().max() == 0
     # what a plain gather does with -1 (vLLM's torch reference did): the last adapter
     naive = torch.einsum("bi,bri->br", x, A[indices])
@@ -59,16 +63,17 @@ def test_a_lower_rank_adapter_padded_with_zeros_gives_its_own_delta():
     A[1], B[1] = a4, b4
     scaling = torch.tensor([0.5, 2.0])
     x = torch.randn(2, 6, generator=g)
-    delta = bgmv(x, A, B, torch.tensor([0, 1]), scaling)
+    delta = gather_bmm(x, A, B, torch.tensor([0, 1]), scaling)
     torch.testing.assert_close(delta[0], 0.5 * (x[0] @ a2.T) @ b2.T)
     torch.testing.assert_close(delta[1], 2.0 * (x[1] @ a4.T) @ b4.T)
 
 
-@pytest.mark.parametrize("kernel", [bgmv, sgmv, lora_loop])
+@pytest.mark.parametrize("kernel", [gather_bmm, sgmv, lora_loop])
 @pytest.mark.parametrize("change, message", [
     (lambda x, A, B, i, s: (x[:, :-1], A, B, i, s), "x must be"),
+    (lambda x, A, B, i, s: (x[:, None], A, B, i, s), r"flat list of tokens, \(tokens, in\)"),
     (lambda x, A, B, i, s: (x, A, B[:, :, :-1], i, s), "B must be"),
-    (lambda x, A, B, i, s: (x, A, B, i[:-1], s), "one adapter index per row"),
+    (lambda x, A, B, i, s: (x, A, B, i[:-1], s), "one adapter index per token"),
     (lambda x, A, B, i, s: (x, A, B, i.float(), s), "long tensor"),
     (lambda x, A, B, i, s: (x, A, B, torch.full_like(i, 4), s), r"must lie in \[-1, 3\]"),
     (lambda x, A, B, i, s: (x, A, B, torch.full_like(i, -2), s), r"must lie in \[-1, 3\]"),
@@ -88,12 +93,15 @@ def tiny_gpt2(seed=0, n_embd=32):
     return GPT2(GPT2Config(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=n_embd, dropout=0.0)).eval()
 
 
-def trained_adapter(base, folder, targets, r, alpha, seed, use_rslora=False):
-    model = add_lora(copy.deepcopy(base), targets, r=r, alpha=alpha, use_rslora=use_rslora)
+def trained_adapter(base, folder, targets, r, alpha, seed, use_rslora=False, use_dora=False):
+    """An adapter that looks trained: B nonzero and, for DoRA, magnitudes moved off ||W0||."""
+    model = add_lora(copy.deepcopy(base), targets, r=r, alpha=alpha, use_rslora=use_rslora, use_dora=use_dora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model).values():
             layer.lora_B.weight.copy_(0.1 * torch.randn(layer.lora_B.weight.shape, generator=g))
+            if use_dora:
+                layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape, generator=g))
     save_adapter(model, folder)
     return folder
 
@@ -116,7 +124,10 @@ def alone(base, folder, idx):
     return load_adapter(copy.deepcopy(base), folder).eval()(idx)
 
 
-@pytest.mark.parametrize("kernel", ["bgmv", "sgmv", "loop"])
+KERNELS = ["gather_bmm", "sgmv", "loop"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_a_mixed_batch_equals_each_adapter_served_alone(ours, kernel):
     base, adapters = ours
     names = ["poetry", None, "code", "legal", "poetry", "code"]
@@ -168,10 +179,6 @@ def test_bad_requests_and_bad_adapters_get_clear_errors(ours, tmp_path):
     other = trained_adapter(tiny_gpt2(n_embd=16), tmp_path / "other", ["attn.c_attn"], r=2, alpha=4, seed=6)
     with pytest.raises(ValueError, match="another base model"):
         MultiAdapterModel(copy.deepcopy(base), {"other": other})
-    dora = add_lora(copy.deepcopy(base), ["attn.c_attn"], r=2, alpha=4, use_dora=True)
-    save_adapter(dora, tmp_path / "dora")
-    with pytest.raises(ValueError, match="DoRA"):
-        MultiAdapterModel(copy.deepcopy(base), {"dora": tmp_path / "dora"})
     with pytest.raises(ValueError, match="already has LoRA layers"):
         MultiAdapterModel(add_lora(copy.deepcopy(base)), adapters)
     with pytest.raises(ValueError, match="kernel must be one of"):
@@ -209,6 +216,135 @@ def test_equal_to_peft_mixed_batch_inference_on_hf_gpt2(tmp_path):
         got = served(idx, names).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     out = served.generate(idx[:, :4], names, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for row, name in enumerate(names):
+        model = hf if name is None else load_adapter(copy.deepcopy(hf), folders[name]).eval()
+        want = model.generate(idx[row:row + 1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(out[row:row + 1], want)
+
+
+# --- DoRA adapters in a mixed batch ---
+
+@pytest.fixture
+def with_dora(ours, tmp_path):
+    base, adapters = ours
+    adapters = {
+        **adapters,
+        "dora_all": trained_adapter(base, tmp_path / "dora_all", "all-linear", r=4, alpha=8, seed=11, use_dora=True),
+        "dora_attn": trained_adapter(base, tmp_path / "dora_attn", ["attn.c_attn", "mlp.c_proj"], r=2, alpha=2,
+                                     seed=12, use_dora=True, use_rslora=True),
+    }
+    return base, adapters
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dora_adapters_mix_with_lora_ones_and_equal_each_alone(with_dora, kernel):
+    base, adapters = with_dora
+    names = ["dora_all", "poetry", None, "dora_attn", "code", "dora_all", "legal", None]
+    idx = torch.randint(0, 64, (len(names), 12), generator=torch.Generator().manual_seed(13))
+    served = MultiAdapterModel(copy.deepcopy(base), adapters, kernel=kernel).eval()
+    with torch.no_grad():
+        logits = served(idx, names)
+        for row, name in enumerate(names):
+            want = alone(base, adapters.get(name), idx[row:row + 1])
+            torch.testing.assert_close(logits[row:row + 1], want, rtol=1e-5, atol=1e-5)
+        # the DoRA rows differ from the same adapter with its rescaling dropped: g matters
+        no_g = copy.deepcopy(served)
+        for layer in no_g.pools().values():
+            if layer.g is not None:
+                layer.g.fill_(1.0)
+        assert (no_g(idx, names)[0] - logits[0]).abs().max() > 1e-2
+
+
+def test_the_dora_scale_is_computed_once_per_adapter_and_layer(with_dora):
+    base, adapters = with_dora
+    served = MultiAdapterModel(copy.deepcopy(base), adapters)
+    names = served.names
+    c_attn = served.pools()["transformer.h.0.attn.c_attn"]
+    c_fc = served.pools()["transformer.h.0.mlp.c_fc"]
+    assert c_attn.g.shape == (len(names), 96)
+    dora = load_adapter(copy.deepcopy(base), adapters["dora_attn"])
+    layer = lora_layers(dora)["transformer.h.0.attn.c_attn"]
+    with torch.no_grad():
+        torch.testing.assert_close(c_attn.g[names.index("dora_attn")], layer.magnitude / layer.weight_norm())
+        torch.testing.assert_close(dora_scale(layer.base_weight(), layer.lora_A.weight, layer.lora_B.weight,
+                                              layer.scaling, layer.magnitude), layer.magnitude / layer.weight_norm())
+    for lora_name in ("poetry", "legal", "code"):  # plain LoRA: g stays one
+        assert torch.equal(c_attn.g[names.index(lora_name)], torch.ones(96))
+    assert torch.equal(c_fc.g[names.index("dora_attn")], torch.ones(128))  # dora_attn does not target c_fc
+    assert (c_attn.g[names.index("dora_all")] - 1).abs().max() > 0.05
+    # a layer that no DoRA adapter targets holds no g
+    plain = MultiAdapterModel(copy.deepcopy(base), {k: adapters[k] for k in ("poetry", "legal")})
+    assert all(p.g is None for p in plain.pools().values())
+
+
+def test_a_dora_adapter_without_its_magnitudes_is_refused_and_changes_nothing(with_dora, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, adapters = with_dora
+    broken = tmp_path / "no_magnitude"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapters["dora_attn"] / "adapter_config.json").read_text())
+    state = load_file(str(adapters["dora_attn"] / "adapter_model.safetensors"))
+    dropped = next(k for k in state if "magnitude" in k)
+    save_file({k: v for k, v in state.items() if k != dropped}, str(broken / "adapter_model.safetensors"))
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="missing .*magnitude"):
+        MultiAdapterModel(model, {**adapters, "broken": broken})
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in base.named_modules()]
+
+
+def test_a_layer_serves_a_different_adapter_for_each_token(ours):
+    """Tokens, not rows: indices of shape (batch, seq), as when several requests share one row."""
+    base, adapters = ours
+    served = MultiAdapterModel(copy.deepcopy(base), adapters)
+    layer = served.pools()["transformer.h.1.attn.c_attn"]
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(14))
+    per_token = torch.tensor([[0, 0, 1, -1, 2], [2, -1, -1, 0, 1]])
+    layer.indices = per_token
+    with torch.no_grad():
+        got = layer(x)
+        want = layer.base_layer(x) + lora_loop(x.reshape(10, 32), layer.A, layer.B, per_token.reshape(10),
+                                               layer.scaling).view(2, 5, 96)
+        torch.testing.assert_close(got, want)
+        for b in range(2):
+            for t in range(5):
+                i = per_token[b, t].item()
+                expected = layer.base_layer(x[b, t])
+                if i >= 0:
+                    expected = expected + layer.scaling[i] * layer.B[i] @ (layer.A[i] @ x[b, t])
+                torch.testing.assert_close(got[b, t], expected, rtol=1e-5, atol=1e-6)
+        layer.indices = per_token[:, 0]  # one index per row: repeated for each of its tokens
+        torch.testing.assert_close(layer(x), layer.base_layer(x) + lora_loop(
+            x.reshape(10, 32), layer.A, layer.B, per_token[:, 0].repeat_interleave(5), layer.scaling).view(2, 5, 96))
+        layer.indices = per_token[:, :3]
+        with pytest.raises(ValueError, match="one adapter index per row"):
+            layer(x)
+    layer.indices = None
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dora_mixed_batch_equals_peft_dora_alone_on_hf_gpt2(tmp_path, kernel):
+    peft = pytest.importorskip("peft")
+    hf = small_hf_gpt2()
+    folders = {
+        "dora": trained_adapter(hf, tmp_path / "dora", ["c_attn", "c_fc"], r=4, alpha=8, seed=15, use_dora=True),
+        "lora": trained_adapter(hf, tmp_path / "lora", ["c_proj"], r=2, alpha=2, seed=16),
+        "dora2": trained_adapter(hf, tmp_path / "dora2", ["c_attn"], r=2, alpha=4, seed=17, use_dora=True),
+    }
+    assert json.loads((folders["dora"] / "adapter_config.json").read_text())["use_dora"] is True
+    names = ["dora", None, "lora", "dora2", "dora"]
+    idx = torch.randint(0, 50, (len(names), 10), generator=torch.Generator().manual_seed(18))
+    served = MultiAdapterModel(copy.deepcopy(hf), folders, kernel=kernel).eval()
+    with torch.no_grad():
+        got = served(idx, names).logits
+        for row, name in enumerate(names):
+            if name is None:
+                want = hf(input_ids=idx[row:row + 1]).logits
+            else:  # PEFT's own DoRA (it refuses DoRA in mixed batches, so one adapter at a time)
+                theirs = peft.PeftModel.from_pretrained(copy.deepcopy(hf), folders[name]).eval()
+                want = theirs(input_ids=idx[row:row + 1]).logits
+            torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-5)
+    out = served.generate(idx[:, :4], names, max_new_tokens=3, do_sample=False, pad_token_id=0)  # with a KV cache
     for row, name in enumerate(names):
         model = hf if name is None else load_adapter(copy.deepcopy(hf), folders[name]).eval()
         want = model.generate(idx[row:row + 1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -50,7 +50,7 @@ from lora_edu.checks.qlora_gpt2 import (
     check_quantize_and_count,
     check_training_step,
 )
-from lora_edu.checks.serving import check_bgmv, check_pad_pool, check_segments
+from lora_edu.checks.serving import check_pad_pool, check_pool_bytes, check_ragged_delta
 from lora_edu.checks.svd_intuition import (
     check_low_rank_factors,
     check_low_rank_parameters,
@@ -82,7 +82,6 @@ _show_failed_checks_as_a_message()
 __all__ = [
     "CheckFailed",
     "check_best_temperature",
-    "check_bgmv",
     "check_bits_per_parameter",
     "check_blocksize_experiment",
     "check_count_lora_parameters",
@@ -106,11 +105,12 @@ __all__ = [
     "check_pack_unpack",
     "check_pad_pool",
     "check_parameter_count",
+    "check_pool_bytes",
     "check_quantize_and_count",
     "check_quantize_block",
+    "check_ragged_delta",
     "check_rank_for_energy",
     "check_rank_keeping_gain",
-    "check_segments",
     "check_sign_descent_step",
     "check_smallest_rank",
     "check_toy_best_pair",

@@ -1,4 +1,4 @@
-"""Checkers for chapter 7's exercises: BGMV by gathering, segments of rows, a pool of mixed ranks."""
+"""Checkers for chapter 7's exercises: adapters of mixed ranks without padding, a pool's memory, a padded pool."""
 
 from __future__ import annotations
 
@@ -7,79 +7,138 @@ from typing import Callable
 import torch
 
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
-from lora_edu.serving import lora_loop
 
-__all__ = ["check_bgmv", "check_pad_pool", "check_segments"]
+__all__ = ["check_pad_pool", "check_pool_bytes", "check_ragged_delta"]
 
 
-def _pool(n: int, r_max: int, d_in: int, d_out: int, seed: int):
+def _ragged(ranks: list[int], d_in: int, d_out: int, seed: int):
+    """Adapters of the given ranks, each (A_i, B_i), and the same stacked without padding."""
     g = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, r_max, d_in, generator=g, dtype=torch.float64)
-    B = torch.randn(n, d_out, r_max, generator=g, dtype=torch.float64)
-    scaling = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
-    return A, B, scaling
+    adapters = [(torch.randn(r, d_in, generator=g, dtype=torch.float64),
+                 torch.randn(d_out, r, generator=g, dtype=torch.float64)) for r in ranks]
+    starts = [sum(ranks[:i]) for i in range(len(ranks))]
+    A_rows = torch.cat([a for a, _ in adapters])  # (sum of ranks, in)
+    B_cols = torch.cat([b for _, b in adapters], dim=1)  # (out, sum of ranks)
+    scaling = torch.rand(len(ranks), generator=g, dtype=torch.float64) + 0.5
+    return adapters, A_rows, B_cols, starts, scaling
 
 
-def check_bgmv(bgmv: Callable) -> None:
-    """Exercise 7.1: ``bgmv(x, A, B, indices, scaling)``, each row's LoRA delta with its own adapter."""
-    A, B, scaling = _pool(4, 3, 6, 5, seed=0)
-    g = torch.Generator().manual_seed(1)
-    for x_shape, indices in [((4, 2, 6), [3, -1, 1, 1]), ((5, 6), [1, 3, 0, 3, 2]), ((6, 6), [2, -1, 0, 2, -1, 3])]:
-        x = torch.randn(*x_shape, generator=g, dtype=torch.float64)
+def _per_token(x, adapters, indices, scaling, pick=lambda i, token: i, scale=True):
+    out = x.new_zeros(x.shape[0], adapters[0][1].shape[0])
+    for token, i in enumerate(indices.tolist()):
+        i = pick(i, token)
+        if i is None:
+            continue
+        a, b = adapters[i]
+        out[token] = (scaling[i] if scale else 1) * b @ (a @ x[token])
+    return out
+
+
+def _over_reach(x, A_rows, B_cols, starts, r_max, indices, scaling):
+    """Every adapter read as r_max rows and columns from its start: what padding would assume."""
+    out = x.new_zeros(x.shape[0], B_cols.shape[0])
+    for token, i in enumerate(indices.tolist()):
+        if i >= 0:
+            a, b = A_rows[starts[i]:starts[i] + r_max], B_cols[:, starts[i]:starts[i] + r_max]
+            out[token] = scaling[i] * b @ (a @ x[token])
+    return out
+
+
+def check_ragged_delta(ragged_delta: Callable) -> None:
+    """Exercise 7.1: ``ragged_delta(x, A_rows, B_cols, starts, ranks, indices, scaling)``, adapters unpadded."""
+    cases = [([2, 4, 1], [0, 0, 2, -1, 1, 1, 0, 2], 6, 5),  # rank 4 in the middle, 1 at the end
+             ([3, 1, 5, 2], [3, 2, 2, 0, -1, 1, 3, 3, 2], 7, 4),
+             ([1, 1], [1, -1, 0, 1], 3, 6)]
+    for seed, (ranks, indices, d_in, d_out) in enumerate(cases):
+        adapters, A_rows, B_cols, starts, scaling = _ragged(ranks, d_in, d_out, seed)
         indices = torch.tensor(indices)
-        got = expect_tensor(call_learner(bgmv, x.clone(), A.clone(), B.clone(), indices.clone(), scaling.clone()),
-                            "bgmv")
-        want = lora_loop(x, A, B, indices, scaling)
-        setting = f"x of shape {tuple(x.shape)} and indices {indices.tolist()}"
+        x = torch.randn(len(indices), d_in, generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
+        got = expect_tensor(call_learner(ragged_delta, x.clone(), A_rows.clone(), B_cols.clone(), list(starts),
+                                         list(ranks), indices.clone(), scaling.clone()), "ragged_delta")
+        want = _per_token(x, adapters, indices, scaling, pick=lambda i, t: None if i < 0 else i)
+        setting = f"ranks {ranks} (stacked at rows {starts}), {len(indices)} tokens with indices {indices.tolist()}"
         if got.shape != want.shape:
-            raise CheckFailed(f"For {setting}, the delta should have shape {tuple(want.shape)} (one row per row of x, "
-                              f"out = {B.shape[1]} features), but yours has {tuple(got.shape)}.")
+            raise CheckFailed(f"For {setting}, the delta should have shape {tuple(want.shape)}, one row per token "
+                              f"with out = {d_out} features, but yours has {tuple(got.shape)}.")
         got = got.double()
         if torch.allclose(got, want, atol=1e-10):
             continue
-        naive = torch.einsum("b...r,bor->b...o", torch.einsum("b...i,bri->b...r", x, A[indices]), B[indices])
-        shape = (-1, *[1] * (x.dim() - 1))
-        unscaled = lora_loop(x, A, B, indices, torch.ones_like(scaling))
+        n = len(ranks)
         wrong = [
-            (naive * scaling[indices].view(shape), "a row with index -1 got the last adapter (A[-1] is the last one "
-                                                   "in Python): -1 means no adapter, so its delta must be zero"),
-            (unscaled, "the delta is not scaled: multiply each row by its adapter's scaling"),
-            (unscaled * scaling[:len(indices)].view(shape) if len(indices) <= len(scaling) else None,
-             "each row must take the scaling of its own adapter, scaling[indices[row]], not scaling[row]"),
+            (_over_reach(x, A_rows, B_cols, starts, max(ranks), indices, scaling),
+             "a lower-rank adapter read as many rows of A_rows (and columns of B_cols) as the largest rank, so it "
+             "took its neighbour's rows as its own; each adapter owns exactly ranks[i] of them"),
+            (_per_token(x, adapters, indices, scaling, pick=lambda i, t: i % n),
+             "the tokens with index -1 got the last adapter (a Python index -1); they should get no delta at all"),
+            (_per_token(x, adapters, indices, scaling, pick=lambda i, t: None if i < 0 else i, scale=False),
+             "no token's delta is multiplied by its adapter's scaling"),
+            (_per_token(x, adapters, indices, torch.ones_like(scaling), pick=lambda i, t: None if i < 0 else i)
+             * torch.cat([scaling, scaling.new_ones(max(0, len(indices) - n))])[:len(indices), None]
+             if len(indices) else None,
+             "each token is scaled by the entry of scaling at its own position, not by its adapter's"),
         ]
+        bad_tokens = [t for t in range(len(indices)) if not torch.allclose(got[t], want[t], atol=1e-10)]
+        default = (f"tokens {bad_tokens} (adapters {sorted(set(indices[bad_tokens].tolist()))}) get a different "
+                   "delta from their adapter's own A_i and B_i; find where adapter i's rows start and how many "
+                   "it has")
         hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, atol=1e-10)),
-                    "row b should be scaling[i] * B[i] @ (A[i] @ x[b]) with i = indices[b], and zero where i = -1")
+                    default)
         raise CheckFailed(f"For {setting}, your delta is off by up to {(got - want).abs().max().item():.3g}: {hint}.")
-    passed("Correct: every row gathers its own A and B, and a row with index -1 gets no adapter at all.")
+    passed("Correct: every adapter computes its own delta from exactly its own rows, and no rank is padded.")
 
 
-def check_segments(segments: Callable) -> None:
-    """Exercise 7.2: ``order, adapters, counts = segments(indices)``: rows grouped by adapter for SGMV."""
-    for indices in ([2, -1, 0, 2, 0, 2], [1, 1, 1], [3, 0, 3, 1, 0, -1, -1, 1]):
-        indices = torch.tensor(indices)
-        got = call_learner(segments, indices.clone())
-        if not isinstance(got, tuple) or len(got) != 3:
-            raise CheckFailed(f"segments should return a triple (order, adapters, counts), got {type(got).__name__}.")
-        order, adapters, counts = got
-        order = expect_tensor(order, "segments' order").long()
-        adapters, counts = [int(a) for a in adapters], [int(c) for c in counts]
-        setting = f"indices {indices.tolist()}"
-        if sorted(order.tolist()) != list(range(len(indices))):
-            raise CheckFailed(f"For {setting}, order should list every row exactly once, got {order.tolist()}.")
-        if len(adapters) != len(counts) or sum(counts) != len(indices) or min(counts) < 1:
-            raise CheckFailed(f"For {setting}, you give adapters {adapters} with counts {counts}: one positive count "
-                              f"per segment, adding up to the {len(indices)} rows.")
-        if len(set(adapters)) != len(adapters):
-            raise CheckFailed(f"For {setting}, an adapter appears in more than one segment ({adapters}): group the "
-                              "rows by adapter (sort them first), so that each adapter is one segment.")
-        start = 0
-        for adapter, count in zip(adapters, counts):
-            rows = order[start:start + count]
-            start += count
-            if not (indices[rows] == adapter).all():
-                raise CheckFailed(f"For {setting}, the segment of adapter {adapter} holds rows {rows.tolist()}, which "
-                                  f"use adapters {indices[rows].tolist()}.")
-    passed("Correct: each adapter is one contiguous segment of the reordered rows, so SGMV reads its A and B once.")
+def _pool_bytes(layer_shapes, ranks, r_max, bytes_per_number, rank_of=None, numbers=None):
+    numbers = numbers or (lambda r, out_f, in_f: r * (in_f + out_f))
+    padded = len(ranks) * sum(numbers(r_max, o, i) for o, i in layer_shapes) * bytes_per_number
+    unpadded = sum(numbers(r, o, i) for r in ranks for o, i in layer_shapes) * bytes_per_number
+    return padded, unpadded
+
+
+def check_pool_bytes(pool_bytes: Callable) -> None:
+    """Exercise 7.2: ``padded, unpadded = pool_bytes(layer_shapes, ranks, r_max, bytes_per_number)``."""
+    cases = [([(12, 4), (4, 4), (16, 4), (4, 16)], [8, 8, 2, 64], 64, 2),  # GPT-2's four matrices, tiny
+             ([(3072, 1024), (1024, 4096)], [16, 4, 4], 32, 4),  # r_max above the largest rank
+             ([(5, 3)], [1], 1, 1)]
+    for layer_shapes, ranks, r_max, nbytes in cases:
+        got = call_learner(pool_bytes, list(layer_shapes), list(ranks), r_max, nbytes)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise CheckFailed(f"pool_bytes should return a pair (padded, unpadded), got {type(got).__name__}.")
+        try:
+            got = tuple(int(v) for v in got)
+        except (TypeError, ValueError):
+            raise CheckFailed(f"pool_bytes should return two whole numbers of bytes, got {got!r}.") from None
+        want = _pool_bytes(layer_shapes, ranks, r_max, nbytes)
+        setting = (f"layers of shape (out, in) {layer_shapes}, adapters of ranks {ranks} in a pool of r_max={r_max}, "
+                   f"{nbytes} bytes per number")
+        if got == want:
+            continue
+        if got == want[::-1]:
+            raise CheckFailed(f"For {setting}, your pair is the other way round: padded first, then unpadded.")
+        for label, g, w in (("padded", got[0], want[0]), ("unpadded", got[1], want[1])):
+            if g == w:
+                continue
+            wrong = {
+                _pool_bytes(layer_shapes, ranks, max(ranks), nbytes)[0]:
+                    "it pads to the largest rank among these adapters, but the pool reserves r_max for every "
+                    "slot, whoever fills it",
+                _pool_bytes(layer_shapes, ranks, r_max, 1)[label == "unpadded"]:
+                    "it counts numbers, not bytes",
+                _pool_bytes(layer_shapes, ranks, r_max, nbytes, numbers=lambda r, o, i: r * i)[label == "unpadded"]:
+                    "it counts A (r x in) but not B (out x r)",
+                _pool_bytes(layer_shapes, ranks, r_max, nbytes, numbers=lambda r, o, i: r * o)[label == "unpadded"]:
+                    "it counts B (out x r) but not A (r x in)",
+                _pool_bytes(layer_shapes, ranks, r_max, nbytes, numbers=lambda r, o, i: r * i * o)[label == "unpadded"]:
+                    "it counts r x in x out numbers, the size of a dense update, where A and B hold far fewer",
+                _pool_bytes(layer_shapes[:1], ranks, r_max, nbytes)[label == "unpadded"]:
+                    "it counts the first layer shape only; every adapter sits on every layer in the list",
+                want[1 - (label == "unpadded")]:
+                    "that is the other total" if label == "padded" else "that is the padded total: an unpadded "
+                    "pool stores each adapter at its own rank",
+            }
+            hint = wrong.get(g, f"that is {g / w:.3g} times the right size; count what one adapter of rank r "
+                                "stores on one layer of shape (out, in), then how many adapters and layers there are")
+            raise CheckFailed(f"For {setting}, your {label} size is {g} bytes, not {w}: {hint}.")
+    passed("Correct: padding reserves r_max for every adapter on every layer; without it each pays its own rank.")
 
 
 def check_pad_pool(pad_pool: Callable) -> None:
