@@ -379,6 +379,11 @@ def load_pretrained(name_or_path: str = "gpt2", device: str | torch.device = "cp
     A hub name is downloaded (and cached) by ``huggingface_hub``, which needs the
     network: on Colab that just works; offline it fails with a pointer to the
     tiny model that ships with this package.
+
+    ``model.random_weights`` is True when the folder's ``config.json`` says
+    ``"lora_edu_random_weights": true`` (``scripts/save_random_gpt2.py`` writes such
+    a stand-in for the GPU run, which cannot reach the Hub): a chapter then skips
+    the claims that only pretrained weights satisfy. False for the Hub's models.
     """
     path = Path(name_or_path)
     if path.is_dir():
@@ -393,10 +398,12 @@ def load_pretrained(name_or_path: str = "gpt2", device: str | torch.device = "cp
     for f in (config_file, weights_file):
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f} not found; a GPT-2 folder needs config.json and model.safetensors")
-    config = GPT2Config.from_hf_config(json.loads(Path(config_file).read_text()))
+    hf_config = json.loads(Path(config_file).read_text())
+    config = GPT2Config.from_hf_config(hf_config)
     model = GPT2(config)
     _load_state(model, state_dict_from_hf(load_file(str(weights_file))), source=str(weights_file))
     model.name_or_path = name_or_path
+    model.random_weights = hf_config.get("lora_edu_random_weights", False) is True
     return model.to(device).eval()
 
 

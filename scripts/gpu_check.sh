@@ -15,6 +15,12 @@
 #   6. dora      benchmarks/dora_overhead.py: DoRA's step time and memory against LoRA, ours and PEFT's
 #   7. serving   benchmarks/multi_adapter_throughput.py: a batch of mixed adapters, five ways of serving it, prefill and decode
 #   8. chapters  the chapters with a GPU path, run as scripts (no Jupyter there), hub unreachable
+#   9. gpt2_random    scripts/save_random_gpt2.py: a GPT-2 124M-shaped checkpoint with random weights
+#                     and an offline byte-level BPE tokenizer, saved as the Hub's gpt2 is
+#  10. chapter5_bfloat16, 11. chapter5_float16   Chapter 5's GPT-2 branch (load_pretrained, 16-bit
+#                     compute, paged AdamW) on that folder (LORA_EDU_GPT2_PATH), in bfloat16 and in
+#                     a T4's float16 with a GradScaler (LORA_EDU_COMPUTE_DTYPE); the rehearsal runs
+#                     both on the CPU at the tiny model's size (4 layers, 128 wide), torch's AdamW
 # Everything lands in $OUT (when set, as on the device machine) or gpu_results/: a log, one JSON per
 # benchmark, gpu_check.json (every step's status, the CUDA tests' counts and failures, the chapters'
 # outcomes) and cuda_reciprocal.npz only when it differs from the committed table: at most 8 files,
@@ -112,6 +118,25 @@ else
     --summary "$SCRATCH/chapters_cuda.json" book/*.ipynb solutions/*.ipynb
 fi
 
+# Chapter 5's GPT-2 branch, which the Hub-less GPU machine otherwise never takes: a random-weight
+# folder of GPT-2 124M's shape (the rehearsal's: the tiny model's size), the chapter run on it twice.
+GPT2_DIR="$SCRATCH/gpt2_random"
+if [[ "$MODE" == full ]]; then
+  SMALL= SAVE_LIMIT=60 CHAPTER_LIMIT=100
+else
+  SMALL=--small SAVE_LIMIT=120 CHAPTER_LIMIT=300
+fi
+step gpt2_random "$SAVE_LIMIT" "$PYTHON" scripts/save_random_gpt2.py --out "$GPT2_DIR" $SMALL
+# What each run records, so gpu_check.json shows which branch it took, not only that it passed.
+REPORT=(base.name_or_path base.random_weights n_params base.config.n_layer base.config.n_embd
+  "str(compute_dtype)" "str(config.amp_dtype)" "type(optimizer).__name__" config.steps SKIPPED)
+for dtype in bfloat16 float16; do
+  step "chapter5_$dtype" "$CHAPTER_LIMIT" env LORA_EDU_GPT2_PATH="$GPT2_DIR" LORA_EDU_COMPUTE_DTYPE="$dtype" \
+    "$PYTHON" scripts/run_notebooks_as_scripts.py book/05_qlora_gpt2.ipynb \
+    --summary "$SCRATCH/chapter5_$dtype.json" --report "${REPORT[@]}"
+done
+rm -rf "$GPT2_DIR"  # 500 MB on the GPU machine
+
 "$PYTHON" - "$RESULTS/gpu_check.json" "$SCRATCH" "$MODE" "${STEPS[@]}" <<'PY'
 import json, platform, subprocess, sys
 import xml.etree.ElementTree as ElementTree
@@ -142,12 +167,18 @@ record = {
     "results": [{"step": s, "exit_status": int(rc), "seconds": int(sec)} for s, rc, sec in (x.split() for x in steps)],
     "cuda_tests": cuda_tests(Path(scratch, "pytest_cuda.xml")),
     "chapters": json.loads(chapters.read_text()) if chapters.exists() else "missing",
+    # Chapter 5 on a random-weight GPT-2 folder: each run's outcome and what it ran with
+    "chapter5_gpt2": {
+        dtype: json.loads(f.read_text())[0] if f.exists() else "missing"
+        for dtype in ("bfloat16", "float16")
+        for f in [Path(scratch, f"chapter5_{dtype}.json")]
+    },
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})",
     "versions": {"python": platform.python_version(), "torch": torch.__version__},
     "commit": commit, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
 }
 open(out, "w").write(json.dumps(record, indent=1) + "\n")
 for r in record["results"]:
-    print(f"{r['step']:9s} {'passed' if r['exit_status'] == 0 else 'FAILED (exit %d)' % r['exit_status']:18s} {r['seconds']:4d} s")
+    print(f"{r['step']:17s} {'passed' if r['exit_status'] == 0 else 'FAILED (exit %d)' % r['exit_status']:18s} {r['seconds']:4d} s")
 sys.exit(any(r["exit_status"] for r in record["results"]))
 PY

@@ -9,6 +9,13 @@ IPython (``%...`` or ``!...``) is refused rather than skipped, so none creeps in
     python scripts/run_notebooks_as_scripts.py book/05_qlora_gpt2.ipynb book/02_lora_from_scratch.ipynb \\
         --budget 240 --summary out/notebooks.json
     python scripts/run_notebooks_as_scripts.py --compile-only book/*.ipynb   # parse every cell, run nothing
+    python scripts/run_notebooks_as_scripts.py book/05_qlora_gpt2.ipynb --summary out/ch5.json \
+        --report base.name_or_path compute_dtype   # also record what these name at the end
+
+``--report`` evaluates each expression in the notebook's namespace once it has run (or
+failed), and records the value under the outcome's ``"report"``: a JSON value as it is,
+anything else as its ``str``, and an expression that fails as the error it raised. It
+lets a check say which branch a chapter took, not only that it passed.
 """
 
 from __future__ import annotations
@@ -33,13 +40,31 @@ def code_cells(path: Path) -> list[str]:
     return sources
 
 
-def run(path: Path) -> None:
-    """Execute ``path``'s code cells in one fresh namespace, in its folder."""
-    namespace = {"__name__": "__main__", "display": print}
+def run(path: Path, namespace: dict | None = None) -> None:
+    """Execute ``path``'s code cells in ``namespace`` (by default a fresh one), in its folder."""
+    namespace = {} if namespace is None else namespace
+    namespace.update({"__name__": "__main__", "display": print})
     with contextlib.chdir(path.parent):
         for i, source in enumerate(code_cells(path)):
             print(f"--- {path.name}, code cell {i}", flush=True)
             exec(compile(source, f"{path.name}[cell {i}]", "exec"), namespace)
+
+
+def report(namespace: dict, expressions: list[str]) -> dict:
+    """Each expression's value in ``namespace``: JSON as it is, else its str; or its error."""
+    values = {}
+    for expression in expressions:
+        try:
+            value = eval(expression, dict(namespace))  # the caller's own expressions, not input
+        except Exception as err:
+            values[expression] = f"not evaluated: {type(err).__name__}: {err}"
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = str(value)
+        values[expression] = value
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds; notebooks left when it is spent are not started")
     parser.add_argument("--summary", type=Path, default=None, help="write each notebook's outcome here as JSON")
     parser.add_argument("--compile-only", action="store_true", help="parse every code cell, run nothing")
+    parser.add_argument("--report", nargs="+", default=[], metavar="EXPRESSION",
+                        help="record these expressions' values in each notebook's namespace after it ran")
     args = parser.parse_args(argv)
     start, outcomes = time.time(), []
     for path in args.notebooks:
@@ -60,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None and time.time() - start > args.budget:
             outcomes.append({"notebook": path.name, "status": "not run: time budget spent"})
             continue
-        began = time.time()
+        began, namespace = time.time(), {}
         try:
-            run(path)
+            run(path, namespace)
             status, error = "passed", None
         except Exception:
             status, error = "failed", traceback.format_exc(limit=-3)
             print(error, file=sys.stderr, flush=True)
         outcomes.append({"notebook": path.name, "status": status, "seconds": round(time.time() - began, 1),
-                         **({"error": error} if error else {})})
+                         **({"error": error} if error else {}),
+                         **({"report": report(namespace, args.report)} if args.report else {})})
         print(f"=== {path.name}: {status} in {time.time() - began:.0f} s", flush=True)
     if args.summary is not None:
         args.summary.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh, rehearsed on the CPU: every step of the GPU run must work before a GPU is lent.
 
-The rehearsal runs once per test session (about a minute); the tests below read what it wrote.
+The rehearsal runs once per test session (about two minutes on 2 cores, a minute of it Chapter 5
+on the random-weight GPT-2 folder, twice); the tests below read what it wrote.
 """
 
 import json
@@ -12,7 +13,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "serving", "chapters"]
+STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "serving", "chapters",
+         "gpt2_random", "chapter5_bfloat16", "chapter5_float16"]
+# The claims of Chapter 5 that need pretrained weights, skipped by name on the random-weight folder
+PRETRAINED_CLAIMS = ["the loss drops by more than 0.05", "training closes most of the 4-bit base's gap",
+                     "re-quantizing keeps part of the improvement"]
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +147,23 @@ def test_the_chapters_step_parses_every_notebook(rehearsal):
     assert all(o["status"] == "compiled" for o in outcomes)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_chapter5_takes_its_gpt2_branch_on_the_random_weight_folder(rehearsal, dtype):
+    """Not the tiny model's fallback: load_pretrained on the saved folder, 16-bit compute, the
+    pretrained-only claims skipped by name; with float16, autocast in float16 (a GradScaler)."""
+    _, out = rehearsal
+    outcome = read(out, "gpu_check.json")["chapter5_gpt2"][dtype]
+    assert outcome["notebook"] == "05_qlora_gpt2.ipynb" and outcome["status"] == "passed", outcome
+    ran = outcome["report"]
+    assert Path(ran["base.name_or_path"]).name == "gpt2_random" and ran["base.random_weights"] is True
+    # the rehearsal's size: GPT-2's architecture at the tiny model's depth and width
+    assert (ran["base.config.n_layer"], ran["base.config.n_embd"]) == (4, 128)
+    assert ran["str(compute_dtype)"] == ran["str(config.amp_dtype)"] == f"torch.{dtype}"
+    assert ran["type(optimizer).__name__"] == "AdamW"  # paged AdamW needs CUDA
+    assert ran["config.steps"] == 20
+    assert ran["SKIPPED"] == PRETRAINED_CLAIMS
+
+
 # ---------------------------------------------------------------------------------------
 # The notebook runner the GPU machine uses in place of Jupyter
 # ---------------------------------------------------------------------------------------
@@ -191,6 +213,22 @@ def test_runner_refuses_ipython_syntax_and_respects_its_budget(tmp_path):
     summary = tmp_path / "summary.json"
     assert runner(slow, slow, "--budget", "0.1", "--summary", summary) == 1
     assert [o["status"] for o in json.loads(summary.read_text())] == ["passed", "not run: time budget spent"]
+
+
+def test_runner_reports_what_the_notebook_left_behind(tmp_path):
+    nb = notebook(tmp_path / "branch.ipynb", "import torch\nsource, dtype = 'folder', torch.float16",
+                  "skipped = ['a claim']")
+    summary = tmp_path / "summary.json"
+    assert runner(nb, "--summary", summary, "--report", "source", "dtype", "skipped", "missing") == 0
+    reported = json.loads(summary.read_text())[0]["report"]
+    assert reported["source"] == "folder" and reported["skipped"] == ["a claim"]
+    assert reported["dtype"] == "torch.float16"  # not JSON: its str
+    assert reported["missing"].startswith("not evaluated: NameError")
+    # a failed notebook still reports how far it got
+    bad = notebook(tmp_path / "bad.ipynb", "reached = 1", "assert False", "never = 2")
+    assert runner(bad, "--summary", summary, "--report", "reached", "never") == 1
+    reported = json.loads(summary.read_text())[0]["report"]
+    assert reported["reached"] == 1 and reported["never"].startswith("not evaluated")
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "download_gpu_wheels.sh"])

@@ -4,9 +4,12 @@ checkpointing, and mixed precision in the training loop."""
 
 import copy
 import gc
+import json
 import math
+import sys
 import warnings
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -786,3 +789,44 @@ def test_memory_breakdown_of_llama_65b_adapts_every_block_linear_layer():
     n_total = sum(p.numel() for p in model.parameters())
     assert memory_breakdown(model, "full")["weights"] == 4 * n_total
     assert 30 * 2**30 < qlora["weights"] < 36 * 2**30  # 64.8B weights at 4.127 bits + 0.5B in float32
+
+
+# --- the random-weight stand-in for the Hub's gpt2 (scripts/save_random_gpt2.py) ---
+
+
+def test_the_stand_in_has_gpt2_124m_shape_by_default():
+    """GPT2Config()'s defaults, which the GPU run saves, are the Hub's GPT-2 124M."""
+    import transformers
+
+    from lora_edu.gpt2 import PRESETS
+
+    assert GPT2Config.from_hf_config(transformers.GPT2Config().to_dict()) == PRESETS["gpt2"]
+
+
+def test_the_stand_in_loads_through_load_pretrained_and_says_its_weights_are_random(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from save_random_gpt2 import SMALL as STAND_IN, save
+
+    from lora_edu.data import load_text
+    from lora_edu.gpt2 import load_pretrained, load_tokenizer
+
+    summary = save(tmp_path / "gpt2_random", small=True, vocab_size=300)
+    model = load_pretrained(str(tmp_path / "gpt2_random"))
+    assert model.random_weights is True and summary["lora_edu_random_weights"] is True
+    assert (model.config.n_layer, model.config.n_embd) == (STAND_IN["n_layer"], STAND_IN["n_embd"])
+    # its tokenizer, read offline through the same call as GPT-2's, fits the model
+    tokenizer = load_tokenizer(str(tmp_path / "gpt2_random"))
+    text = load_text("milton")[:2000]
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and max(ids) < model.config.vocab_size == 300
+    assert len(ids) < 0.8 * len(text.encode())  # merges learnt: fewer tokens than bytes
+
+
+def test_a_hub_style_folder_has_pretrained_weights(tmp_path):
+    small_hf_gpt2().save_pretrained(tmp_path)  # no lora_edu_random_weights in its config
+    from lora_edu.gpt2 import load_pretrained
+
+    assert load_pretrained(str(tmp_path)).random_weights is False
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "lora_edu_random_weights": "yes"}))
+    assert load_pretrained(str(tmp_path)).random_weights is False  # only a JSON true says so
