@@ -43,21 +43,27 @@ def add_serial_adapters(model: nn.Module, bottleneck: int, sublayers: tuple[str,
     ``sublayers=("attn", "mlp")`` is Houlsby's placement (Adapter^H), ``("mlp",)`` Lin et
     al.'s (Adapter^L, without its extra LayerNorm). Only the adapters are left trainable.
     """
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if blocks is None:
-        raise TypeError(f"model must be a lora_edu GPT2 (with transformer.h blocks), got {type(model).__name__}")
-    if not sublayers or any(name not in SUBLAYERS for name in sublayers):
-        raise ValueError(f"sublayers must be a non-empty subset of {SUBLAYERS}, got {sublayers!r}")
-    if any(isinstance(getattr(block, name), SerialAdapter) for block in blocks for name in sublayers):
-        raise ValueError("model already has serial adapters; build them on a fresh copy of the model")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    from lora_edu.peft_family import _blocks, _refuse_other_methods  # the family's checks, shared
+
+    blocks = _blocks(model)
+    if isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck <= 0:
+        raise ValueError(f"bottleneck must be a positive int, got {bottleneck!r}")
+    if isinstance(sublayers, str) or not sublayers or any(name not in SUBLAYERS for name in sublayers):
+        raise ValueError(f"sublayers must be a non-empty list of names from {SUBLAYERS}, got {sublayers!r}")
+    if len(set(sublayers)) != len(sublayers):
+        raise ValueError(f"sublayers names a sublayer twice: {sublayers!r}; name each once")
+    _refuse_other_methods(model, "serial adapters")
     width = model.config.n_embd
-    for block in blocks:
+    adapters = {}
+    for i, block in enumerate(blocks):  # every adapter built before any is put in
         for name in sublayers:
             sublayer = getattr(block, name)
             param = next(sublayer.parameters())
-            setattr(block, name, SerialAdapter(sublayer, width, bottleneck).to(param.device, param.dtype))
+            adapters[i, name] = SerialAdapter(sublayer, width, bottleneck).to(param.device, param.dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for (i, name), adapter in adapters.items():
+        setattr(blocks[i], name, adapter)
     return model
 
 

@@ -49,10 +49,40 @@ __all__ = [
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    if blocks is None:
-        raise TypeError(f"model must be a lora_edu GPT2 (with transformer.h blocks), got {type(model).__name__}")
-    return blocks
+    """The blocks of the book's GPT2; anything else is refused before it is touched."""
+    from lora_edu.gpt2 import GPT2  # lora_edu.gpt2 imports nothing of the family
+
+    if not isinstance(model, GPT2):
+        hint = (" (a Hugging Face GPT-2, whose layers are Conv1D: use PEFT's IA3Config, PromptTuningConfig, "
+                "PrefixTuningConfig or VeraConfig there)" if hasattr(getattr(model, "config", None), "n_embd") else "")
+        raise TypeError(f"model must be a lora_edu GPT2, got {type(model).__name__}{hint}")
+    return model.transformer.h
+
+
+def _method_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Which fine-tuning method's layers the model already holds, by method: {method: [module names]}."""
+    from lora_edu.lora import LoRALinear
+    from lora_edu.serving import MultiLoRALinear
+
+    kinds = ((LoRALinear, "LoRA"), (MultiLoRALinear, "a multi-adapter pool"), (ScaleOutput, "(IA)³"),
+             (ScaleInput, "(IA)³"), (VeRALinear, "VeRA"), (PrefixAttention, "prefix tuning"),
+             (SerialAdapter, "serial adapters"))
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        for kind, method in kinds:
+            if isinstance(module, kind):
+                found.setdefault(method, []).append(name)
+    return found
+
+
+def _refuse_other_methods(model: nn.Module, method: str) -> None:
+    """One method per model: a second one would wrap (and freeze) the first one's layers."""
+    found = _method_layers(model)
+    if found:
+        described = "; ".join(f"{kind} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                              for kind, names in found.items())
+        raise ValueError(f"model already has fine-tuning layers: {described}; add {method} to a fresh copy of "
+                         "the base model (or merge the others first); the model was left unchanged")
 
 
 def _freeze(model: nn.Module) -> None:
@@ -124,8 +154,7 @@ def add_ia3(model: nn.Module) -> nn.Module:
     vectors train: 2 n_embd + 4 n_embd numbers per block.
     """
     blocks = _blocks(model)
-    if any(isinstance(block.attn.c_attn, ScaleOutput) for block in blocks):
-        raise ValueError("model already has (IA)³ vectors; build them on a fresh copy of the model")
+    _refuse_other_methods(model, "(IA)³")
     _freeze(model)
     for block in blocks:
         width = block.attn.c_attn.in_features
@@ -145,8 +174,10 @@ class PromptTuned(nn.Module):
     def __init__(self, model: nn.Module, n_virtual: int, seed: int = 0):
         super().__init__()
         _blocks(model)
+        _refuse_other_methods(model, "prompt tuning")
         if isinstance(n_virtual, bool) or not isinstance(n_virtual, int) or not 0 < n_virtual < model.config.block_size:
             raise ValueError(f"n_virtual must be an int in [1, block_size), got {n_virtual!r}")
+        _check_seed(seed)
         _freeze(model)
         self.model, self.n_virtual = model, n_virtual
         tokens = torch.randint(0, model.config.vocab_size, (n_virtual,), generator=torch.Generator().manual_seed(seed))
@@ -218,21 +249,25 @@ def add_prefix_tuning(model: nn.Module, n_prefix: int, seed: int = 0) -> nn.Modu
     trained directly.
     """
     blocks = _blocks(model)
-    if any(isinstance(block.attn, PrefixAttention) for block in blocks):
-        raise ValueError("model already has prefixes; build them on a fresh copy of the model")
+    _refuse_other_methods(model, "prefix tuning")
     if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or not 0 < n_prefix < model.config.block_size:
         raise ValueError(f"n_prefix must be a positive int below block_size, got {n_prefix!r}")
-    _freeze(model)
+    _check_seed(seed)
     keys_values = []
     hooks = [block.attn.c_attn.register_forward_hook(lambda m, i, out: keys_values.append(out.detach()[0]))
              for block in blocks]
     tokens = torch.randint(0, model.config.vocab_size, (1, n_prefix), generator=torch.Generator().manual_seed(seed))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()  # the starting prefix is the model's own keys and values, not dropout's noise on them
     try:
         with torch.no_grad():
             model(tokens.to(next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
+        for m, training in modes.items():
+            m.train(training)
+    _freeze(model)
     for i, (block, kqv) in enumerate(zip(blocks, keys_values)):
         layer = PrefixAttention(block.attn, n_prefix, seed=seed + i)
         _, k, v = kqv.split(kqv.shape[-1] // 3, dim=-1)
@@ -270,6 +305,9 @@ class VeRALinear(nn.Module):
         if A.shape[1] < layer.in_features or B.shape[0] < layer.out_features or A.shape[0] != B.shape[1]:
             raise ValueError(f"A must be (r, >= {layer.in_features}) and B (>= {layer.out_features}, r), got "
                              f"{tuple(A.shape)} and {tuple(B.shape)}")
+        if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+            raise ValueError(f"d_initial must be a finite number (VeRA starts d at it; 0.1 in the paper), "
+                             f"got {d_initial!r}")
         self.layer = layer
         kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
         # not saved with the model: the seed rebuilds them (they are shared, and would be saved once per layer)
@@ -301,17 +339,27 @@ def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int =
     blocks = _blocks(model)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    if not targets or any(t not in VERA_TARGETS for t in targets):
-        raise ValueError(f"targets must be a non-empty subset of {VERA_TARGETS}, got {targets!r}")
+    if isinstance(targets, str) or not targets or any(t not in VERA_TARGETS for t in targets):
+        raise ValueError(f"targets must be a non-empty list of names from {VERA_TARGETS}, got {targets!r}")
+    twice = sorted({t for t in targets if list(targets).count(t) > 1})
+    if twice:
+        raise ValueError(f"targets names {', '.join(map(repr, twice))} twice; name each layer once")
+    _check_seed(seed)
+    _refuse_other_methods(model, "VeRA")
     layers = [(block, name) for block in blocks for name in targets]
-    if any(isinstance(block.get_submodule(name), VeRALinear) for block, name in layers):
-        raise ValueError("model already has VeRA layers; build them on a fresh copy of the model")
-    _freeze(model)
     shapes = [block.get_submodule(name).weight.shape for block, name in layers]
     A, B = vera_projections(r, max(s[1] for s in shapes), max(s[0] for s in shapes), seed)
-    for block, name in layers:
-        _replace(block, name, VeRALinear(block.get_submodule(name), A, B, d_initial))
+    # VeRALinear checks d_initial: every layer is built before any is put in
+    vera = [VeRALinear(block.get_submodule(name), A, B, d_initial) for block, name in layers]
+    _freeze(model)
+    for (block, name), layer in zip(layers, vera):
+        _replace(block, name, layer)
     return model
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

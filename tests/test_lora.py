@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from hf_models import small_hf_gpt2
+from unchanged import assert_unchanged, snapshot
 from lora_edu.gpt2 import GPT2, GPT2Config, load_checkpoint, save_checkpoint, state_dict_from_hf
 from lora_edu.lora import (
     LoRALinear,
@@ -770,28 +771,6 @@ def test_task_type_and_base_model_name_or_path(tmp_path):
 
 
 # --- refusals that leave the model as it was (issue 26) ---
-
-def snapshot(model):
-    """What a refusal must not change: every tensor, every requires_grad flag, every module type."""
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()},
-            [(n, type(m).__name__) for n, m in model.named_modules()])
-
-
-def same(a, b):
-    """Equal to the bit, NaN where the other has NaN (a NaN put there by the test stays)."""
-    if a.is_floating_point():
-        return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
-    return torch.equal(a, b)
-
-
-def assert_unchanged(model, before):
-    tensors, flags, types = snapshot(model)
-    assert types == before[2]
-    assert flags == before[1]
-    assert tensors.keys() == before[0].keys()
-    assert all(same(tensors[k], before[0][k]) for k in tensors)
-
 
 def test_merge_lora_refuses_a_dora_layer_whose_rescaled_weight_is_not_finite_before_merging_any():
     """W0 + sBA is finite here; only DoRA's m / ||W0 + sBA|| (W0 + sBA) of the last layer is not."""

@@ -305,8 +305,8 @@ def test_vera_equals_peft_vera_on_hf_gpt2_with_the_same_projection_seed():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(r=0), "r must be a positive int"),
     (dict(r=True), "r must be a positive int"),
-    (dict(targets=("attn.c_attn", "lm_head")), "targets must be a non-empty subset"),
-    (dict(targets=()), "targets must be a non-empty subset"),
+    (dict(targets=("attn.c_attn", "lm_head")), "targets must be a non-empty list of names"),
+    (dict(targets=()), "targets must be a non-empty list of names"),
 ])
 def test_vera_refuses_bad_arguments_by_name(base, kwargs, message):
     from lora_edu.peft_family import add_vera
@@ -319,5 +319,103 @@ def test_vera_twice_is_refused(base):
     from lora_edu.peft_family import add_vera
 
     model = add_vera(copy.deepcopy(base), r=4)
-    with pytest.raises(ValueError, match="already has VeRA"):
+    with pytest.raises(ValueError, match="already has fine-tuning layers: VeRA"):
         add_vera(model, r=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals name what is refused and leave the model exactly as it was (issue 26)
+# ---------------------------------------------------------------------------------------
+
+
+def with_lora(m):
+    from lora_edu.lora import add_lora
+
+    return add_lora(m, ["c_attn"], r=2, alpha=4)
+
+
+def with_ia3(m):
+    return add_ia3(m)
+
+
+def with_vera(m):
+    from lora_edu.peft_family import add_vera
+
+    return add_vera(m, r=4)
+
+
+def vera(m, **kwargs):
+    from lora_edu.peft_family import add_vera
+
+    return add_vera(m, **{"r": 4, **kwargs})
+
+
+REFUSALS = {
+    # another method's layers
+    "ia3 on LoRA": (with_lora, add_ia3, "already has fine-tuning layers: LoRA"),
+    "ia3 on VeRA": (with_vera, add_ia3, "already has fine-tuning layers: VeRA"),
+    "vera on LoRA": (with_lora, vera, "already has fine-tuning layers: LoRA"),
+    "vera on (IA)3": (with_ia3, vera, r"already has fine-tuning layers: \(IA\)³"),
+    "prefix on LoRA": (with_lora, lambda m: add_prefix_tuning(m, 2), "already has fine-tuning layers: LoRA"),
+    "prompt on (IA)3": (with_ia3, lambda m: PromptTuned(m, 2), r"already has fine-tuning layers: \(IA\)³"),
+    "adapters on VeRA": (with_vera, lambda m: add_serial_adapters(m, 4), "already has fine-tuning layers: VeRA"),
+    # bad arguments, refused before anything is frozen or replaced
+    "vera target twice": (None, lambda m: vera(m, targets=("attn.c_attn", "attn.c_attn")), "'attn.c_attn' twice"),
+    "vera d_initial nan": (None, lambda m: vera(m, d_initial=float("nan")), "d_initial must be a finite number"),
+    "vera d_initial inf": (None, lambda m: vera(m, d_initial=float("inf")), "d_initial must be a finite number"),
+    "vera targets string": (None, lambda m: vera(m, targets="attn.c_attn"), "targets must be a non-empty list"),
+    "adapters bottleneck 0": (None, lambda m: add_serial_adapters(m, 0), "bottleneck must be a positive int"),
+    "adapters sublayer twice": (None, lambda m: add_serial_adapters(m, 4, ("mlp", "mlp")), "twice"),
+    "prefix seed": (None, lambda m: add_prefix_tuning(m, 2, seed=1.5), "seed must be an int"),
+    "prompt seed": (None, lambda m: PromptTuned(m, 2, seed="0"), "seed must be an int"),
+    "prompt too many": (None, lambda m: PromptTuned(m, 128), "n_virtual must be an int"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_every_refusal_of_the_family_names_it_and_leaves_the_model_unchanged(base, case):
+    from unchanged import assert_unchanged, snapshot
+
+    prepare, build, message = REFUSALS[case]
+    model = copy.deepcopy(base)
+    if prepare is not None:
+        model = prepare(model)
+    before = snapshot(model)
+    with pytest.raises((ValueError, TypeError), match=message):
+        build(model)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name", ["ia3", "vera", "prompt", "prefix", "adapters", "bitfit"])
+def test_hugging_face_gpt2_is_refused_up_front_and_left_unchanged(name):
+    """The family is built for the book's GPT2 (nn.Linear layers, its config); HF's GPT-2 is named and refused."""
+    from hf_models import small_hf_gpt2
+    from unchanged import assert_unchanged, snapshot
+
+    build = {"ia3": add_ia3, "vera": vera, "prompt": lambda m: PromptTuned(m, 2),
+             "prefix": lambda m: add_prefix_tuning(m, 2), "adapters": lambda m: add_serial_adapters(m, 4),
+             "bitfit": add_bitfit}[name]
+    hf = small_hf_gpt2()
+    before = snapshot(hf)
+    with pytest.raises(TypeError, match="must be a lora_edu GPT2, got GPT2LMHeadModel .*Hugging Face GPT-2.*PEFT"):
+        build(hf)
+    assert_unchanged(hf, before)
+
+
+def test_the_prefix_starts_from_the_same_activations_in_train_mode_whatever_the_global_random_state():
+    """Dropout is off while the starting keys and values are computed, and the modes are put back."""
+    from lora_edu.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    template = GPT2(GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.3))
+    prefixes = []
+    for global_seed in (1, 2):
+        model = copy.deepcopy(template).train()
+        torch.manual_seed(global_seed)
+        add_prefix_tuning(model, 3, seed=0)
+        assert all(m.training for m in model.modules())
+        prefixes.append(torch.cat([b.attn.prefix_keys for b in model.transformer.h]))
+    torch.testing.assert_close(prefixes[0], prefixes[1], rtol=0, atol=0)
+    eval_model = add_prefix_tuning(copy.deepcopy(template).eval(), 3, seed=0)
+    torch.testing.assert_close(torch.cat([b.attn.prefix_keys for b in eval_model.transformer.h]), prefixes[0],
+                               rtol=0, atol=0)
