@@ -4,10 +4,12 @@ prefill (whole prompts) and decode (one new token per request).
 Punica's experiment at our scale: a pool of 64 LoRA adapters (rank 8 on every block
 matrix, random weights: speed does not depend on what they hold) over one base model;
 batches of ``batch_size`` rows of ``seq_len`` tokens whose rows use ``n`` distinct adapters,
-for n = 1, 2, 4, ... up to the batch size, in Punica's request layouts: ``uniform`` (each
-of the n adapters takes the same share of rows) and ``zipf`` (shares following a Zipf law,
-exponent 1.5, at least one row each). n = 1 is Punica's ``identical`` layout and n = the
-batch size its ``distinct`` one. One forward pass of the batch, in eval mode, per method,
+for n = 1, 2, 4, ... up to the batch size, in two request layouts of our own: ``uniform``
+(each of the n adapters takes the same share of rows) and ``zipf`` (shares following a
+Zipf law, exponent 1.5, at least one row each). They borrow the names of Punica's
+workloads, not their definitions: ours set the number n of distinct adapters directly.
+n = 1 is Punica's ``identical`` layout and n = the batch size its
+``distinct`` one. One forward pass of the batch, in eval mode, per method,
 in two phases:
 
 - ``prefill``: every request's ``seq_len`` prompt tokens at once (both layouts);

@@ -15,13 +15,16 @@ same call, as vLLM does.
 - :func:`lora_loop`: the reference, one token at a time.
 - :func:`gather_bmm`: every token gathers its own ``A`` and ``B`` from the pool into
   (tokens, r_max, in) and (tokens, out, r_max) copies, and two batched products do the
-  rest: the gather-then-batched-matmul layout that S-LoRA's evaluation runs, with padding,
-  in place of its own kernels (its "S-LoRA-bmm"). Punica's and vLLM's BGMV does the same
-  arithmetic per token in one fused kernel that reads the pool in place and never writes
-  the gathered copies (the decode kernel).
+  rest: the gather-then-batched-matmul layout that Punica's evaluation compares its
+  kernel with, and that S-LoRA's ablation "S-LoRA-bmm" runs (adapter weights copied to
+  contiguous memory, batched products with padding; S-LoRA's Section 7.1). The BGMV
+  kernel in Punica's repository (and, before its Triton ``lora_shrink``/``lora_expand``,
+  vLLM's decode path) does the same arithmetic per token in one fused kernel that reads
+  the pool in place and never writes the gathered copies.
 - :func:`sgmv`: tokens grouped into segments by adapter, one pair of matrix products per
-  segment: the layout of Punica's SGMV, which does every segment in one kernel launch
-  where ours loops over segments in Python.
+  segment: the layout of Punica's SGMV, the one operator of Punica's paper, which it runs
+  on every token of batches that mix prefill and decode, every segment in one kernel
+  launch, where ours loops over segments in Python.
 
 DoRA adapters mix in the same batch. At inference a DoRA layer's rescaling
 ``g = m / ||W0 + s B A||`` (row norms of the (out, in) weight) depends on no input, so
@@ -112,12 +115,13 @@ def gather_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch
 
     Takes what :func:`lora_loop` takes. Each token gathers its adapter's ``A`` and ``B``
     into (tokens, r_max, in) and (tokens, out, r_max) copies, then ``einsum`` does one
-    matrix-vector product per token, all at once. That is the arithmetic of Punica's BGMV
-    (one gathered matrix-vector product per token, the decode kernel), but BGMV is one
-    fused kernel that reads each token's slice of the pool in place and never writes the
-    copies; this is the gather-then-batched-matmul layout that S-LoRA's evaluation runs in
-    place of its kernels. Its memory traffic grows with the number of tokens, so it suits
-    decode (one token per request) far better than prefill.
+    matrix-vector product per token, all at once. That is the arithmetic of BGMV (one
+    gathered matrix-vector product per token; a kernel of Punica's repository, not of its
+    paper, and what S-LoRA's decode kernel MBGMV was built from), but BGMV is one fused
+    kernel that reads each token's slice of the pool in place and never writes the
+    copies; this is the gather-then-batched-matmul layout of Punica's baseline and of
+    S-LoRA's "S-LoRA-bmm" ablation. Its memory traffic grows with the number of tokens, so
+    it suits decode (one token per request) far better than prefill.
     """
     _check_pool(x, A, B, indices, scaling)
     active = indices >= 0
@@ -144,8 +148,8 @@ def sgmv(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch.Tenso
     Tokens are grouped into contiguous segments by adapter (sorted if they are not
     already), so each adapter's A and B are read once per call, not once per token: the
     prefill case, where a request brings many tokens. Punica's SGMV does every segment in
-    one kernel launch (and serves prefill and decode tokens in one batch); this loops over
-    the segments in Python, one launch each.
+    one kernel launch (and runs on every token of a batch that mixes prefill and decode);
+    this loops over the segments in Python, one launch each.
     """
     _check_pool(x, A, B, indices, scaling)
     order, adapters, counts = segments(indices)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.serving import check_pad_pool, check_pool_bytes, check_ragged_delta
+from lora_edu.checks.serving import check_pool_bytes, check_ragged_delta, check_unpad_pool
 from lora_edu.serving import gather_bmm
 
 
@@ -62,6 +62,16 @@ def starts_off_by_one(x, A_rows, B_cols, starts, ranks, indices, scaling):
     return right_ragged(x, padded_a, padded_b, [s + 1 for s in starts], ranks, indices, scaling)
 
 
+def float64_output(x, A_rows, B_cols, starts, ranks, indices, scaling):
+    """A learner's torch.zeros(..., dtype=torch.float64) meeting float32 products in a matmul."""
+    out = torch.zeros(x.shape[0], B_cols.shape[0], dtype=torch.float64)
+    for i in set(indices.tolist()) - {-1}:
+        tokens = (indices == i).nonzero().flatten()
+        own = slice(starts[i], starts[i] + ranks[i])
+        out[tokens] = scaling[i] * (x[tokens].double() @ A_rows[own].T) @ B_cols[:, own].T
+    return out
+
+
 WRONG_RAGGED = {
     "reads r_max rows": (reads_r_max, "took its neighbour's rows"),
     "-1 is the last adapter": (minus_one_is_last, "got the last adapter"),
@@ -69,6 +79,7 @@ WRONG_RAGGED = {
     "scaling by position": (scaled_by_position, "at its own position"),
     "starts off by one": (starts_off_by_one, r"tokens \[.*\] \(adapters .*\) get a different delta"),
     "summed over tokens": (lambda *args: right_ragged(*args).sum(0), "should have shape"),
+    "float64 meets float32": (float64_output, "build the output with the inputs' dtype"),
 }
 
 
@@ -129,57 +140,96 @@ def test_pool_bytes_rejects(name):
         check_pool_bytes(fn)
 
 
-# --- Exercise 7.3: a pool of mixed ranks ---
+# --- Exercise 7.3: a padded pool stored at each adapter's own rank ---
 
-def right_pad(adapters, r_max):
-    if any(a.shape[0] > r_max for a, _ in adapters):
-        raise ValueError("rank above r_max")
-    d_in, d_out = adapters[0][0].shape[1], adapters[0][1].shape[0]
-    A, B = torch.zeros(len(adapters), r_max, d_in), torch.zeros(len(adapters), d_out, r_max)
-    for i, (a, b) in enumerate(adapters):
-        A[i, : a.shape[0]], B[i, :, : b.shape[1]] = a, b
-    return A, B
+def right_unpad(A, B, ranks):
+    if any(not 1 <= r <= A.shape[1] for r in ranks):
+        raise ValueError(f"ranks must be between 1 and r_max={A.shape[1]}, got {ranks}")
+    A_rows = torch.cat([A[i, :r] for i, r in enumerate(ranks)])
+    B_cols = torch.cat([B[i, :, :r] for i, r in enumerate(ranks)], dim=1)
+    return A_rows, B_cols, [sum(ranks[:i]) for i in range(len(ranks))]
 
 
-def padded_at_the_end_of_both(adapters, r_max):  # also right: the order of ranks inside a slot is free
-    A, B = right_pad(adapters, r_max)
-    return A.flip(1), B.flip(2)
+def right_unpad_tensor_starts(A, B, ranks):
+    """Also right: the starts as a tensor, the slices by a boolean mask."""
+    if min(ranks) < 1 or max(ranks) > A.shape[1]:
+        raise ValueError("rank out of range")
+    keep = torch.arange(A.shape[1])[None, :] < torch.tensor(ranks)[:, None]  # (n, r_max)
+    A_rows = A[keep]
+    B_cols = B.transpose(1, 2)[keep].T
+    starts = torch.cumsum(torch.tensor([0] + ranks[:-1]), 0)
+    return A_rows, B_cols, starts
 
 
-def b_padded_on_rows(adapters, r_max):
-    A, B = right_pad(adapters, r_max)
-    for i, (a, b) in enumerate(adapters):
-        r = a.shape[0]
-        B[i] = 0
-        B[i, :, :r] = torch.roll(b, 1, dims=0)  # the wrong side: rows shifted
-    return A, B
+def keeps_padding(A, B, ranks):
+    return A.reshape(-1, A.shape[2]), torch.cat(list(B), dim=1), [i * A.shape[1] for i in range(len(ranks))]
 
 
-def noisy_padding(adapters, r_max):
-    A, B = right_pad(adapters, r_max)
-    for i, (a, _) in enumerate(adapters):
-        A[i, a.shape[0]:] = 1.0
-        B[i, :, a.shape[0]:] = 1.0
-    return A, B
+def b_by_rows(A, B, ranks):
+    A_rows, _, starts = right_unpad(A, B, ranks)
+    return A_rows, torch.cat([B[i, :, :r] for i, r in enumerate(ranks)], dim=1).T, starts
 
 
-def no_rank_check(adapters, r_max):
-    return right_pad([(a[:r_max], b[:, :r_max]) for a, b in adapters], r_max)
+def starts_are_ends(A, B, ranks):
+    A_rows, B_cols, starts = right_unpad(A, B, ranks)
+    return A_rows, B_cols, [s + r for s, r in zip(starts, ranks)]
 
 
-@pytest.mark.parametrize("right", [right_pad, padded_at_the_end_of_both])
-def test_pad_pool_accepts(right, capsys):
-    check_pad_pool(right)
+def padded_starts(A, B, ranks):
+    A_rows, B_cols, _ = right_unpad(A, B, ranks)
+    return A_rows, B_cols, [i * A.shape[1] for i in range(len(ranks))]
+
+
+def last_ranks(A, B, ranks):
+    _, _, starts = right_unpad(A, B, ranks)
+    A_rows = torch.cat([A[i, A.shape[1] - r:] for i, r in enumerate(ranks)])
+    B_cols = torch.cat([B[i, :, B.shape[2] - r:] for i, r in enumerate(ranks)], dim=1)
+    return A_rows, B_cols, starts
+
+
+def b_in_reverse(A, B, ranks):
+    A_rows, _, starts = right_unpad(A, B, ranks)
+    return A_rows, torch.cat([B[i, :, :r].flip(1) for i, r in enumerate(ranks)], dim=1), starts
+
+
+def no_range_check(A, B, ranks):
+    A_rows = torch.cat([A[i, :r] for i, r in enumerate(ranks)])
+    B_cols = torch.cat([B[i, :, :r] for i, r in enumerate(ranks)], dim=1)
+    return A_rows, B_cols, [sum(ranks[:i]) for i in range(len(ranks))]
+
+
+def index_error_for_big_rank(A, B, ranks):
+    if max(ranks) > A.shape[1]:
+        raise IndexError("rank out of range")
+    return right_unpad(A, B, ranks)
+
+
+def zeroes_the_pool(A, B, ranks):
+    result = tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in right_unpad(A, B, ranks))
+    A.zero_()
+    return result
+
+
+@pytest.mark.parametrize("right", [right_unpad, right_unpad_tensor_starts])
+def test_unpad_pool_accepts(right, capsys):
+    check_unpad_pool(right)
     assert capsys.readouterr().out.startswith("Correct")
 
 
 @pytest.mark.parametrize("fn, message", [
-    (b_padded_on_rows, "pad columns"),
-    (noisy_padding, "must be zeros"),
-    (no_rank_check, "must raise ValueError"),
-    (lambda adapters, r_max: right_pad(adapters, r_max)[0], "pair"),
-    (lambda adapters, r_max: tuple(t[:, :2] for t in right_pad(adapters, r_max)), "should be"),
+    (keeps_padding, "keeps r_max = .* rows for every adapter"),
+    (b_by_rows, "Along which of B's dimensions"),
+    (starts_are_ends, "where the adapters end"),
+    (padded_starts, "where the slots begin in a padded pool"),
+    (last_ranks, "take the last ranks of each slot"),
+    (b_in_reverse, "exactly what its slot in the pool holds"),
+    (no_range_check, "returned a result: it should raise ValueError"),
+    (index_error_for_big_rank, "raised IndexError instead"),
+    (zeroes_the_pool, "changed the pool it was given"),
+    (lambda A, B, ranks: right_unpad(A, B, ranks)[:2], "three things"),
+    (lambda A, B, ranks: (*right_unpad(A, B, ranks)[:2], None), "starts should be"),
+    (stub, "still the stub"),
 ])
-def test_pad_pool_rejects(fn, message):
+def test_unpad_pool_rejects(fn, message):
     with pytest.raises(CheckFailed, match=message):
-        check_pad_pool(fn)
+        check_unpad_pool(fn)

@@ -50,7 +50,7 @@ from lora_edu.checks.qlora_gpt2 import (
     check_quantize_and_count,
     check_training_step,
 )
-from lora_edu.checks.serving import check_pad_pool, check_pool_bytes, check_ragged_delta
+from lora_edu.checks.serving import check_pool_bytes, check_ragged_delta, check_unpad_pool
 from lora_edu.checks.svd_intuition import (
     check_low_rank_factors,
     check_low_rank_parameters,
@@ -103,7 +103,6 @@ __all__ = [
     "check_next_token_probs",
     "check_nf4_values",
     "check_pack_unpack",
-    "check_pad_pool",
     "check_parameter_count",
     "check_pool_bytes",
     "check_quantize_and_count",
@@ -115,4 +114,5 @@ __all__ = [
     "check_smallest_rank",
     "check_toy_best_pair",
     "check_training_step",
+    "check_unpad_pool",
 ]

@@ -1,4 +1,4 @@
-"""Checkers for chapter 7's exercises: adapters of mixed ranks without padding, a pool's memory, a padded pool."""
+"""Checkers for chapter 7's exercises: adapters of mixed ranks without padding, a pool's memory, a pool unpadded."""
 
 from __future__ import annotations
 
@@ -7,23 +7,26 @@ from typing import Callable
 import torch
 
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.numerics import matmul_tolerance
 
-__all__ = ["check_pad_pool", "check_pool_bytes", "check_ragged_delta"]
+__all__ = ["check_pool_bytes", "check_ragged_delta", "check_unpad_pool"]
 
 
 def _ragged(ranks: list[int], d_in: int, d_out: int, seed: int):
     """Adapters of the given ranks, each (A_i, B_i), and the same stacked without padding."""
     g = torch.Generator().manual_seed(seed)
-    adapters = [(torch.randn(r, d_in, generator=g, dtype=torch.float64),
-                 torch.randn(d_out, r, generator=g, dtype=torch.float64)) for r in ranks]
+    adapters = [(torch.randn(r, d_in, generator=g), torch.randn(d_out, r, generator=g)) for r in ranks]
     starts = [sum(ranks[:i]) for i in range(len(ranks))]
     A_rows = torch.cat([a for a, _ in adapters])  # (sum of ranks, in)
     B_cols = torch.cat([b for _, b in adapters], dim=1)  # (out, sum of ranks)
-    scaling = torch.rand(len(ranks), generator=g, dtype=torch.float64) + 0.5
+    scaling = torch.rand(len(ranks), generator=g) + 0.5
     return adapters, A_rows, B_cols, starts, scaling
 
 
 def _per_token(x, adapters, indices, scaling, pick=lambda i, token: i, scale=True):
+    """Each token's delta from its adapter's own A_i and B_i, in float64 (the reference)."""
+    x, scaling = x.double(), scaling.double()
+    adapters = [(a.double(), b.double()) for a, b in adapters]
     out = x.new_zeros(x.shape[0], adapters[0][1].shape[0])
     for token, i in enumerate(indices.tolist()):
         i = pick(i, token)
@@ -36,6 +39,7 @@ def _per_token(x, adapters, indices, scaling, pick=lambda i, token: i, scale=Tru
 
 def _over_reach(x, A_rows, B_cols, starts, r_max, indices, scaling):
     """Every adapter read as r_max rows and columns from its start: what padding would assume."""
+    x, A_rows, B_cols, scaling = x.double(), A_rows.double(), B_cols.double(), scaling.double()
     out = x.new_zeros(x.shape[0], B_cols.shape[0])
     for token, i in enumerate(indices.tolist()):
         if i >= 0:
@@ -52,16 +56,28 @@ def check_ragged_delta(ragged_delta: Callable) -> None:
     for seed, (ranks, indices, d_in, d_out) in enumerate(cases):
         adapters, A_rows, B_cols, starts, scaling = _ragged(ranks, d_in, d_out, seed)
         indices = torch.tensor(indices)
-        x = torch.randn(len(indices), d_in, generator=torch.Generator().manual_seed(10 + seed), dtype=torch.float64)
-        got = expect_tensor(call_learner(ragged_delta, x.clone(), A_rows.clone(), B_cols.clone(), list(starts),
-                                         list(ranks), indices.clone(), scaling.clone()), "ragged_delta")
+        x = torch.randn(len(indices), d_in, generator=torch.Generator().manual_seed(10 + seed))
+        try:
+            got = call_learner(ragged_delta, x.clone(), A_rows.clone(), B_cols.clone(), list(starts), list(ranks),
+                               indices.clone(), scaling.clone())
+        except RuntimeError as error:
+            if "dtype" not in str(error).lower() and "type" not in str(error).lower():
+                raise
+            raise CheckFailed(f"ragged_delta raised PyTorch's error {str(error).splitlines()[0]!r}: the inputs here "
+                              f"are {x.dtype}, so build the output with the inputs' dtype (x.new_zeros(...) or "
+                              "dtype=x.dtype) and keep every product in it.") from None
+        got = expect_tensor(got, "ragged_delta")
         want = _per_token(x, adapters, indices, scaling, pick=lambda i, t: None if i < 0 else i)
         setting = f"ranks {ranks} (stacked at rows {starts}), {len(indices)} tokens with indices {indices.tolist()}"
         if got.shape != want.shape:
             raise CheckFailed(f"For {setting}, the delta should have shape {tuple(want.shape)}, one row per token "
                               f"with out = {d_out} features, but yours has {tuple(got.shape)}.")
         got = got.double()
-        if torch.allclose(got, want, atol=1e-10):
+        # float32 inputs: each entry is a chain of d_in then rank sums, within rounding of the float64 reference
+        magnitude = max(float(s) * (b.abs() @ (a.abs() @ x.abs().T)).max().item()
+                        for (a, b), s in zip(adapters, scaling))
+        atol = matmul_tolerance(magnitude, d_in + max(ranks))
+        if torch.allclose(got, want, rtol=0, atol=atol):
             continue
         n = len(ranks)
         wrong = [
@@ -77,14 +93,15 @@ def check_ragged_delta(ragged_delta: Callable) -> None:
              if len(indices) else None,
              "each token is scaled by the entry of scaling at its own position, not by its adapter's"),
         ]
-        bad_tokens = [t for t in range(len(indices)) if not torch.allclose(got[t], want[t], atol=1e-10)]
+        bad_tokens = [t for t in range(len(indices)) if not torch.allclose(got[t], want[t], rtol=0, atol=atol)]
         default = (f"tokens {bad_tokens} (adapters {sorted(set(indices[bad_tokens].tolist()))}) get a different "
                    "delta from their adapter's own A_i and B_i; find where adapter i's rows start and how many "
                    "it has")
-        hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, atol=1e-10)),
+        hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, rtol=0, atol=atol)),
                     default)
         raise CheckFailed(f"For {setting}, your delta is off by up to {(got - want).abs().max().item():.3g}: {hint}.")
-    passed("Correct: every adapter computes its own delta from exactly its own rows, and no rank is padded.")
+    passed("Correct: every adapter computes its own delta from exactly its own rows of A_rows and columns of "
+           "B_cols.")
 
 
 def _pool_bytes(layer_shapes, ranks, r_max, bytes_per_number, rank_of=None, numbers=None):
@@ -141,39 +158,98 @@ def check_pool_bytes(pool_bytes: Callable) -> None:
     passed("Correct: padding reserves r_max for every adapter on every layer; without it each pays its own rank.")
 
 
-def check_pad_pool(pad_pool: Callable) -> None:
-    """Exercise 7.3: ``A, B = pad_pool(adapters, r_max)``, adapters of mixed ranks in one zero-padded pool."""
-    g = torch.Generator().manual_seed(2)
-    ranks, d_in, d_out, r_max = [2, 4, 1], 6, 5, 4
-    adapters = [(torch.randn(r, d_in, generator=g, dtype=torch.float64),
-                 torch.randn(d_out, r, generator=g, dtype=torch.float64)) for r in ranks]
-    got = call_learner(pad_pool, [(a.clone(), b.clone()) for a, b in adapters], r_max)
-    if not isinstance(got, tuple) or len(got) != 2:
-        raise CheckFailed(f"pad_pool should return a pair (A, B), got {type(got).__name__}.")
-    A, B = (expect_tensor(t, "pad_pool") for t in got)
-    if A.shape != (3, r_max, d_in) or B.shape != (3, d_out, r_max):
-        raise CheckFailed(f"For 3 adapters of ranks {ranks} and r_max={r_max}, A should be {(3, r_max, d_in)} and B "
-                          f"{(3, d_out, r_max)}; yours are {tuple(A.shape)} and {tuple(B.shape)}.")
-    x = torch.randn(d_in, generator=g, dtype=torch.float64)
-    for i, (a, b) in enumerate(adapters):
-        want = b @ (a @ x)
-        got_delta = B[i].double() @ (A[i].double() @ x)
-        if not torch.allclose(got_delta, want, atol=1e-10):
-            r = ranks[i]
-            if A[i, :r].shape == a.shape and torch.allclose(A[i, :r].double(), a) and \
-                    not torch.allclose(B[i, :, :r].double(), b):
-                hint = "B is (out, r): its rank runs along the columns, so pad columns, not rows"
-            elif (A[i, r:] != 0).any() or (B[i, :, r:] != 0).any():
-                hint = "the padding must be zeros, so that the extra ranks add nothing"
-            else:
-                hint = "put A's r rows first in the (r_max, in) slot and B's r columns first in the (out, r_max) slot"
-            raise CheckFailed(f"Adapter {i} (rank {r}) computes a different delta from the pool than alone: {hint}.")
-    too_big = [(torch.randn(5, d_in, dtype=torch.float64), torch.randn(d_out, 5, dtype=torch.float64))]
+def _unpad(A, B, ranks):
+    A_rows = torch.cat([A[i, :r] for i, r in enumerate(ranks)])
+    B_cols = torch.cat([B[i, :, :r] for i, r in enumerate(ranks)], dim=1)
+    return A_rows, B_cols, [sum(ranks[:i]) for i in range(len(ranks))]
+
+
+def _as_starts(value) -> list[int] | None:
     try:
-        call_learner(pad_pool, too_big, r_max)
-    except ValueError:
-        pass
-    else:
-        raise CheckFailed(f"An adapter of rank 5 in a pool with r_max={r_max} must raise ValueError: it cannot fit, "
-                          "and cutting it would change what it computes.")
-    passed("Correct: padded with zeros, every adapter computes the same delta as alone, whatever its rank.")
+        return [int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value)]
+    except (TypeError, ValueError):
+        return None
+
+
+def check_unpad_pool(unpad_pool: Callable) -> None:
+    """Exercise 7.3: ``A_rows, B_cols, starts = unpad_pool(A, B, ranks)``, a padded pool stored at each rank."""
+    cases = [([2, 4, 1], 4, 6, 5), ([3, 3, 1, 2], 5, 4, 7), ([1], 3, 3, 2)]
+    for seed, (ranks, r_max, d_in, d_out) in enumerate(cases):
+        g = torch.Generator().manual_seed(20 + seed)
+        n = len(ranks)
+        A, B = torch.zeros(n, r_max, d_in), torch.zeros(n, d_out, r_max)
+        for i, r in enumerate(ranks):  # every adapter in the first r ranks of its slot, zeros after
+            A[i, :r] = torch.randn(r, d_in, generator=g)
+            B[i, :, :r] = torch.randn(d_out, r, generator=g)
+        A_in, B_in = A.clone(), B.clone()
+        setting = f"a pool of {n} adapters of ranks {ranks} padded to r_max={r_max} (in={d_in}, out={d_out})"
+        got = call_learner(unpad_pool, A_in, B_in, list(ranks))
+        if not torch.equal(A_in, A) or not torch.equal(B_in, B):
+            raise CheckFailed(f"For {setting}, unpad_pool changed the pool it was given; build new tensors and "
+                              "leave A and B as they were.")
+        if not isinstance(got, tuple) or len(got) != 3:
+            raise CheckFailed(f"unpad_pool should return three things (A_rows, B_cols, starts), got "
+                              f"{type(got).__name__}" + (f" of {len(got)}" if isinstance(got, tuple) else "") + ".")
+        A_rows = expect_tensor(got[0], "unpad_pool's A_rows")
+        B_cols = expect_tensor(got[1], "unpad_pool's B_cols")
+        starts = _as_starts(got[2])
+        want_A, want_B, want_starts = _unpad(A, B, ranks)
+        total = sum(ranks)
+        if A_rows.shape != want_A.shape:
+            hint = (f"that keeps r_max = {r_max} rows for every adapter, padding included: how many rows does "
+                    "adapter i own?" if A_rows.shape == (n * r_max, d_in) else
+                    "A_rows stacks every adapter's rows of A, one after another")
+            raise CheckFailed(f"For {setting}, A_rows should have shape {tuple(want_A.shape)} (sum of ranks, in), "
+                              f"but yours has {tuple(A_rows.shape)}: {hint}.")
+        if B_cols.shape != want_B.shape:
+            if B_cols.shape == (n * r_max, d_out) or B_cols.shape == (total, d_out):
+                hint = "is B_cols (out, sum of ranks)? Along which of B's dimensions does an adapter's rank run?"
+            elif B_cols.shape == (d_out, n * r_max):
+                hint = f"that keeps r_max = {r_max} columns for every adapter: how many columns does adapter i own?"
+            else:
+                hint = "B_cols sets every adapter's columns of B side by side"
+            raise CheckFailed(f"For {setting}, B_cols should have shape {tuple(want_B.shape)} (out, sum of ranks), "
+                              f"but yours has {tuple(B_cols.shape)}: {hint}.")
+        if starts is None or len(starts) != n:
+            raise CheckFailed(f"For {setting}, starts should be {n} whole numbers, one per adapter: the row of "
+                              f"A_rows where each adapter begins; got {got[2]!r}.")
+        if starts != want_starts:
+            if starts == [s + r for s, r in zip(want_starts, ranks)]:
+                hint = "those are where the adapters end; where does adapter 0 begin?"
+            elif starts == [i * r_max for i in range(n)]:
+                hint = "those are where the slots begin in a padded pool; once the padding is gone, what comes " \
+                       "right before adapter i?"
+            else:
+                hint = "what comes before adapter i in A_rows, and how many rows does it take?"
+            raise CheckFailed(f"For {setting}, your starts are {starts}: {hint}")
+        for name, mine, want in (("A_rows", A_rows, want_A), ("B_cols", B_cols, want_B)):
+            if torch.equal(mine.float(), want):
+                continue
+            bad = [i for i, (s, r) in enumerate(zip(starts, ranks))
+                   if not torch.equal((mine[s:s + r] if name == "A_rows" else mine[:, s:s + r]).float(),
+                                      want[s:s + r] if name == "A_rows" else want[:, s:s + r])]
+            last = (torch.cat([A[i, r_max - r:] for i, r in enumerate(ranks)]) if name == "A_rows"
+                    else torch.cat([B[i, :, r_max - r:] for i, r in enumerate(ranks)], dim=1))
+            if torch.equal(mine.float(), last):
+                hint = ("they take the last ranks of each slot, where a padded pool keeps its zeros; which end of "
+                        "the slot does the adapter fill?")
+            elif (mine == 0).all(dim=1 if name == "A_rows" else 0).any():
+                hint = "some of them are all zeros: is that padding, kept in place of one of the adapter's own ranks?"
+            else:
+                hint = "does each adapter's slice hold exactly what its slot in the pool holds, in the same order?"
+            raise CheckFailed(f"For {setting}, the {name} of adapters {bad} are not those of the pool: {hint}")
+    A, B = torch.zeros(2, 3, 4), torch.zeros(2, 5, 3)
+    for ranks, why in (([2, 4], "rank 4 in a pool of r_max=3, more than its slot holds"),
+                       ([2, 0], "rank 0, which is no adapter")):
+        try:
+            call_learner(unpad_pool, A.clone(), B.clone(), list(ranks))
+        except ValueError:
+            continue
+        except (IndexError, RuntimeError) as error:
+            raise CheckFailed(f"For ranks {ranks} ({why}), unpad_pool should raise ValueError naming the adapter "
+                              f"and the rank it expected, before it touches anything; it raised "
+                              f"{type(error).__name__} instead.") from None
+        raise CheckFailed(f"For ranks {ranks} ({why}), unpad_pool returned a result: it should raise ValueError, "
+                          "since those ranks cannot describe this pool.")
+    passed("Correct: each adapter now takes its own rank of rows and columns, and starts says where; that is what "
+           "ragged_delta reads.")
