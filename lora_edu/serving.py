@@ -73,6 +73,10 @@ def _check_pool(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torc
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}"
                             + (f" of {t.dtype}" if isinstance(t, torch.Tensor) else ""))
+    for name, t in (("A", A), ("B", B), ("scaling", scaling)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} must have x's dtype and device ({x.dtype} on {x.device}), got {t.dtype} on "
+                            f"{t.device}; cast the pool or the input first")
     if A.dim() != 3 or B.dim() != 3:
         raise ValueError(f"A must be (n_adapters, r_max, in) and B (n_adapters, out, r_max), got A "
                          f"{tuple(A.shape)} and B {tuple(B.shape)}")
@@ -85,6 +89,8 @@ def _check_pool(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torc
     if x.dim() != 2 or x.shape[-1] != in_features:
         raise ValueError(f"x must be a flat list of tokens, (tokens, in) with in = {in_features}, got "
                          f"{tuple(x.shape)}; flatten (batch, seq, in) and repeat each row's index per token")
+    if isinstance(indices, torch.Tensor) and indices.device != x.device:
+        raise ValueError(f"indices must be on x's device ({x.device}), got {indices.device}")
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.long or indices.shape != (x.shape[0],):
         raise ValueError(f"indices must be a long tensor with one adapter index per token of x, shape "
                          f"({x.shape[0]},), got {getattr(indices, 'dtype', type(indices).__name__)} "
@@ -125,6 +131,8 @@ def gather_bmm(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, indices: torch
     """
     _check_pool(x, A, B, indices, scaling)
     active = indices >= 0
+    if not active.any():  # every token -1 (the pool may even be empty): nothing to gather
+        return x.new_zeros(x.shape[0], B.shape[1])
     # -1 gathers adapter 0 (any would do) and the token is zeroed below. Gathering A[-1], as
     # an indexing shortcut would, silently gives the token the *last* adapter instead.
     gathered = indices.clamp(min=0)
@@ -359,9 +367,10 @@ class MultiAdapterModel(nn.Module):
 
     def indices_for(self, adapter_names, batch_size: int) -> torch.Tensor:
         """One pool index per row: the adapter's position in ``names``, -1 for ``None``."""
-        if isinstance(adapter_names, str) or len(adapter_names) != batch_size:
-            raise ValueError(f"adapter_names must be a list with one name (or None) per row, {batch_size} rows, "
-                             f"got {adapter_names!r}")
+        if (not isinstance(adapter_names, (list, tuple)) or len(adapter_names) != batch_size
+                or not all(n is None or isinstance(n, str) for n in adapter_names)):
+            raise ValueError(f"adapter_names must be a list with one name (a str, or None for the base model) per "
+                             f"row, {batch_size} rows, got {adapter_names!r}")
         unknown = sorted({n for n in adapter_names if n is not None and n not in self.names})
         if unknown:
             raise ValueError(f"unknown adapter names {unknown}; this model serves {self.names} (and None for the "
@@ -390,10 +399,24 @@ class MultiAdapterModel(nn.Module):
 
         Our GPT2 samples with :func:`lora_edu.gpt2.generate` (``temperature``, ``top_k``,
         ``seed``); a Hugging Face model with its own ``generate`` (its keyword arguments).
+        Hugging Face's ``generate`` repeats each row for its beams and returned sequences
+        (``max(num_beams, num_return_sequences)`` copies, side by side); each copy keeps
+        its row's adapter, as PEFT does for beams.
         """
         from lora_edu.gpt2 import GPT2, generate
 
-        with self.serving(adapter_names, idx.shape[0]):
-            if isinstance(self.base_model, GPT2):
+        self.indices_for(adapter_names, idx.shape[0])  # checked against the rows as given
+        if isinstance(self.base_model, GPT2):
+            with self.serving(adapter_names, idx.shape[0]):
                 return generate(self.base_model, idx, max_new_tokens, **kwargs)
+        config = kwargs.get("generation_config") or self.base_model.generation_config
+        copies = {}
+        for option in ("num_beams", "num_return_sequences"):
+            value = kwargs.get(option, getattr(config, option, None) or 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{option} must be a positive int, got {value!r}")
+            copies[option] = value
+        expand = max(copies.values())
+        per_copy = [name for name in adapter_names for _ in range(expand)]
+        with self.serving(per_copy, idx.shape[0] * expand):
             return self.base_model.generate(idx, max_new_tokens=max_new_tokens, **kwargs)

@@ -172,7 +172,7 @@ def test_bad_requests_and_bad_adapters_get_clear_errors(ours, tmp_path):
     idx = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"unknown adapter names \['prose'\]"):
         served(idx, ["poetry", "prose"])
-    with pytest.raises(ValueError, match="one name \\(or None\\) per row, 2 rows"):
+    with pytest.raises(ValueError, match=r"one name \(a str, or None for the base model\) per row, 2 rows"):
         served(idx, ["poetry"])
     with pytest.raises(ValueError, match="rank above the pool's max_rank=4"):
         MultiAdapterModel(copy.deepcopy(base), adapters, max_rank=4)
@@ -349,3 +349,65 @@ def test_dora_mixed_batch_equals_peft_dora_alone_on_hf_gpt2(tmp_path, kernel):
         model = hf if name is None else load_adapter(copy.deepcopy(hf), folders[name]).eval()
         want = model.generate(idx[row:row + 1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
         assert torch.equal(out[row:row + 1], want)
+
+
+# --- bad input named, and the kernels agreeing on the edge cases (issue 26) ---
+
+@pytest.mark.parametrize("kernel", [gather_bmm, sgmv, lora_loop])
+@pytest.mark.parametrize("change, message", [
+    (lambda x, A, B, s: (x.float(), A, B, s), "A must have x's dtype and device"),
+    (lambda x, A, B, s: (x, A.float(), B, s), "A must have x's dtype and device"),
+    (lambda x, A, B, s: (x, A, B.float(), s), "B must have x's dtype and device"),
+    (lambda x, A, B, s: (x, A, B, s.float()), "scaling must have x's dtype and device"),
+])
+def test_mixed_dtypes_are_refused_by_name_before_torch_sees_them(kernel, change, message):
+    A, B, scaling = pool()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    x, A, B, scaling = change(x, A, B, scaling)
+    with pytest.raises(TypeError, match=message):
+        kernel(x, A, B, torch.tensor([0, 1, -1]), scaling)
+
+
+def test_an_empty_pool_serves_rows_without_adapters_as_zeros_in_every_kernel():
+    A, B, scaling = pool(n=0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    none = torch.full((3,), -1, dtype=torch.long)
+    for kernel in (gather_bmm, sgmv, lora_loop):
+        assert torch.equal(kernel(x, A, B, none, scaling), torch.zeros(3, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("names", [None, "poetry", ["poetry", 3], [["poetry"], None]])
+def test_adapter_names_that_are_not_a_list_of_names_are_refused_by_name(ours, names):
+    base, adapters = ours
+    served = MultiAdapterModel(copy.deepcopy(base), adapters)
+    with pytest.raises(ValueError, match=r"adapter_names must be a list with one name \(a str, or None"):
+        served(torch.zeros(2, 4, dtype=torch.long), names)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=3), dict(num_beams=3, num_return_sequences=2)])
+def test_hf_generate_gives_every_beam_and_returned_sequence_its_rows_adapter(tmp_path, options):
+    pytest.importorskip("peft")
+    hf = small_hf_gpt2()
+    folders = {
+        "a": trained_adapter(hf, tmp_path / "a", ["c_attn", "c_proj"], r=4, alpha=8, seed=7),
+        "b": trained_adapter(hf, tmp_path / "b", ["c_fc"], r=2, alpha=2, seed=8),
+    }
+    names = ["b", None, "a"]
+    idx = torch.randint(1, 50, (3, 4), generator=torch.Generator().manual_seed(9))
+    served = MultiAdapterModel(copy.deepcopy(hf), folders).eval()
+    kwargs = dict(max_new_tokens=3, pad_token_id=0, do_sample=False, **options)
+    out = served.generate(idx, names, **kwargs)
+    per_row = options.get("num_return_sequences", 1)
+    assert out.shape[0] == 3 * per_row
+    for row, name in enumerate(names):
+        model = hf if name is None else load_adapter(copy.deepcopy(hf), folders[name]).eval()
+        want = model.generate(idx[row:row + 1], **kwargs)
+        assert torch.equal(out[row * per_row:(row + 1) * per_row], want)
+
+
+def test_hf_generate_refuses_a_bad_beam_count_by_name(tmp_path):
+    hf = small_hf_gpt2()
+    folders = {"a": trained_adapter(hf, tmp_path / "a", ["c_attn"], r=2, alpha=4, seed=7)}
+    served = MultiAdapterModel(copy.deepcopy(hf), folders).eval()
+    with pytest.raises(ValueError, match="num_beams must be a positive int"):
+        served.generate(torch.ones(1, 3, dtype=torch.long), ["a"], max_new_tokens=2, num_beams=0)
