@@ -162,6 +162,8 @@ WRONG_VECTORS = {
     "m itself": (lambda W0, A, B, m, s: m, "magnitude m itself"),
     "upside down": (lambda W0, A, B, m, s: 1 / right_vector(W0, A, B, m, s), "upside down"),
     "unscaled update": (lambda W0, A, B, m, s: m / (W0 + B @ A).norm(dim=1), "not scaled"),
+    "multiplied by the norm": (lambda W0, A, B, m, s: m * (W0 + s * B @ A).norm(dim=1),
+                               "usual slips: once the weights are fixed, work out what the layer multiplies"),
     "norm per input": (lambda W0, A, B, m, s: m[: W0.shape[1]] / (W0 + s * B @ A).norm(dim=0)[: W0.shape[0]]
                        if W0.shape[1] >= W0.shape[0] else (W0 + s * B @ A).norm(dim=0), "shape|usual slips"),
 }
@@ -243,7 +245,7 @@ WRONG_UNMERGES = {
     "B A not transposed": (lambda M, A, B, m, n, a, r: M / (m / n) - (a / r) * (B @ A) if M.shape[0] == M.shape[1]
                            else M, "transpose it"),
     "norm recomputed": (lambda M, A, B, m, n, a, r: M / (m / M.norm(dim=0)) - (a / r) * (B @ A).T,
-                        "a norm recomputed from the merged weight cannot undo it"),
+                        "not undone first \\(if you recomputed that norm from the merged"),
     "returned (out, in)": (lambda *args: right_unmerge(*args).T, "transpose back"),
 }
 

@@ -148,7 +148,8 @@ def check_dora_serving(serving_vector: Callable, serve: Callable) -> None:
                                                                    "s B A"),
             ]
             hint = next((h for v, h in wrong if torch.allclose(got, v, atol=1e-8)),
-                        "it is none of the usual slips: compare one entry with m_i / ||row i of W0 + s B A||")
+                        "it is none of the usual slips: once the weights are fixed, work out what the layer "
+                        "multiplies output feature i by, and compare one entry of yours with it")
             raise CheckFailed(f"{setting}, adapter {k}: your vector is off by up to "
                               f"{(got - want).abs().max().item():.3g}: {hint}.")
         gs = torch.stack([m[k] / torch.linalg.norm(W0 + scaling[k] * B[k] @ A[k], dim=1) for k in range(n)])
@@ -259,10 +260,9 @@ def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
              "which is a column here (PEFT's unmerge made this slip, silently on square weights: its issue #3531)"),
             (merged / factor, "the rescaled weight is unscaled, but the update s B A is still in it: subtract it"),
             (weight.T, "you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"),
-            (merged - update, "the update is subtracted, but the rescaling by m / norm is not undone first (a norm "
-                              "recomputed from the merged weight cannot undo it: every output feature there has "
-                              "length m, so the factor comes out as 1; the norm merging divided by is gone from "
-                              "the weight, which is why merging keeps it)"),
+            (merged - update, "the update is subtracted, but the rescaling by m / norm that the merge applied "
+                              "is not undone first (if you recomputed that norm from the merged weight, work out "
+                              "what m / norm comes to there)"),
             (merged * factor - update, "you multiplied by m / norm again; undo the rescaling by dividing"),
             (merged / factor - (B @ A).T, "the update you subtract is not scaled: it is (alpha / r) B A"),
             (merged / factor - (alpha / r) * (B @ A) if in_f == out_f else None,
