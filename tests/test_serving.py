@@ -411,3 +411,24 @@ def test_hf_generate_refuses_a_bad_beam_count_by_name(tmp_path):
     served = MultiAdapterModel(copy.deepcopy(hf), folders).eval()
     with pytest.raises(ValueError, match="num_beams must be a positive int"):
         served.generate(torch.ones(1, 3, dtype=torch.long), ["a"], max_new_tokens=2, num_beams=0)
+
+
+def test_every_refusal_of_multi_adapter_model_leaves_the_base_model_unchanged(ours, tmp_path):
+    """Tensors, requires_grad flags, module types and modes, for each way the constructor refuses."""
+    from unchanged import assert_unchanged, snapshot
+
+    base, adapters = ours
+    other = trained_adapter(tiny_gpt2(n_embd=16), tmp_path / "other", ["attn.c_attn"], r=2, alpha=4, seed=6)
+    refusals = [
+        (dict(adapters=adapters, max_rank=4), "rank above"),
+        (dict(adapters={"other": other}), "another base model"),
+        (dict(adapters=adapters, kernel="fast"), "kernel must be one of"),
+        (dict(adapters={}), "non-empty dict"),
+        (dict(adapters={**adapters, "missing": tmp_path / "nowhere"}), "not found"),
+    ]
+    for kwargs, message in refusals:
+        model = copy.deepcopy(base).train()
+        before = snapshot(model)
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            MultiAdapterModel(model, **kwargs)
+        assert_unchanged(model, before)
