@@ -127,17 +127,23 @@ def alone(base, folder, idx):
 KERNELS = ["gather_bmm", "sgmv", "loop"]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_a_mixed_batch_equals_each_adapter_served_alone(ours, kernel):
-    base, adapters = ours
-    names = ["poetry", None, "code", "legal", "poetry", "code"]
-    idx = torch.randint(0, 64, (len(names), 12), generator=torch.Generator().manual_seed(4))
+def served_equals_each_alone(base, adapters, names, kernel, seed):
+    """Serve ``names`` as one batch and check each row against its adapter loaded alone."""
+    idx = torch.randint(0, 64, (len(names), 12), generator=torch.Generator().manual_seed(seed))
     served = MultiAdapterModel(copy.deepcopy(base), adapters, kernel=kernel).eval()
     with torch.no_grad():
         logits = served(idx, names)
         for row, name in enumerate(names):
             want = alone(base, adapters.get(name), idx[row:row + 1])
             torch.testing.assert_close(logits[row:row + 1], want, rtol=1e-5, atol=1e-5)
+    return served, (idx, logits)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_mixed_batch_equals_each_adapter_served_alone(ours, kernel):
+    base, adapters = ours
+    served, _ = served_equals_each_alone(base, adapters, ["poetry", None, "code", "legal", "poetry", "code"],
+                                         kernel, seed=4)
     assert served.r_max == 8
     assert not any(p.requires_grad for p in served.parameters())
 
@@ -240,13 +246,8 @@ def with_dora(ours, tmp_path):
 def test_dora_adapters_mix_with_lora_ones_and_equal_each_alone(with_dora, kernel):
     base, adapters = with_dora
     names = ["dora_all", "poetry", None, "dora_attn", "code", "dora_all", "legal", None]
-    idx = torch.randint(0, 64, (len(names), 12), generator=torch.Generator().manual_seed(13))
-    served = MultiAdapterModel(copy.deepcopy(base), adapters, kernel=kernel).eval()
+    served, (idx, logits) = served_equals_each_alone(base, adapters, names, kernel, seed=13)
     with torch.no_grad():
-        logits = served(idx, names)
-        for row, name in enumerate(names):
-            want = alone(base, adapters.get(name), idx[row:row + 1])
-            torch.testing.assert_close(logits[row:row + 1], want, rtol=1e-5, atol=1e-5)
         # the DoRA rows differ from the same adapter with its rescaling dropped: g matters
         no_g = copy.deepcopy(served)
         for layer in no_g.pools().values():
