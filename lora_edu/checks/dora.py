@@ -200,10 +200,8 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
         V = weight.T + (alpha / r) * B @ A  # (out, in), as nn.Linear would hold it
         want = (m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)).T
         setting = f"a Conv1D weight of shape ({in_f}, {out_f}) (in, out), r={r}"
-        if got.shape != want.shape:
-            hint = ("you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
-                    if got.shape == want.T.shape else f"the merged weight has the shape of the weight, {tuple(want.shape)}")
-            raise CheckFailed(f"For {setting}, your merged weight has shape {tuple(got.shape)}: {hint}.")
+        _expect_conv1d_shape(got, want.shape, f"For {setting}, your merged weight",
+                             "the merged weight has the shape of the weight")
         got = got.double()
         if torch.allclose(got, want, atol=1e-8):
             continue
@@ -231,6 +229,14 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
            "result back in Conv1D's layout.")
 
 
+def _expect_conv1d_shape(got: torch.Tensor, shape: torch.Size, yours: str, expected: str) -> None:
+    """Refuse a result in nn.Linear's (out, in) layout, or of any other wrong shape, saying which."""
+    if got.shape != shape:
+        hint = ("you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
+                if got.shape == shape[::-1] else f"{expected}, {tuple(shape)}")
+        raise CheckFailed(f"{yours} has shape {tuple(got.shape)}: {hint}.")
+
+
 def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
     """Exercise 6.4: ``unmerge(merged, A, B, m, norm, alpha, r)``: W0 back, in Conv1D's (in, out) layout, from
     a DoRA merge into it and the row norms ``norm`` (out,) of W0 + s B A that the merge divided by."""
@@ -245,10 +251,7 @@ def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
         got = expect_tensor(call_learner(unmerge, merged.clone(), A.clone(), B.clone(), m.clone(), norm.clone(),
                                          alpha, r), "unmerge")
         setting = f"For a Conv1D weight of shape ({in_f}, {out_f}) (in, out), r={r}"
-        if got.shape != weight.shape:
-            hint = ("you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
-                    if got.shape == weight.T.shape else f"W0 has the shape of the merged weight, {tuple(weight.shape)}")
-            raise CheckFailed(f"{setting}, your W0 has shape {tuple(got.shape)}: {hint}.")
+        _expect_conv1d_shape(got, weight.shape, f"{setting}, your W0", "W0 has the shape of the merged weight")
         got = got.double()
         if torch.allclose(got, weight, atol=1e-8):
             continue
