@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -12,6 +13,30 @@ from lora_edu.gpt2 import load_tiny
 from lora_edu.peft_family import PromptTuned, ScaleOutput, VeRALinear
 
 __all__ = ["check_vera_merge", "check_ia3_merge", "check_prompt_tuned_logits"]
+
+
+@contextmanager
+def _written_by_hand(exercise: str, *methods: tuple[type, str]):
+    """Fail the check if the learner's code calls one of the package's own ``methods`` instead of its own."""
+    used = []
+    saved = [(cls, name, getattr(cls, name)) for cls, name in methods]
+
+    def spy(cls, name, original):
+        def method(self, *args, **kwargs):
+            used.append(f"{cls.__name__}.{name}()")
+            return original(self, *args, **kwargs)
+        return method
+
+    for cls, name, original in saved:
+        setattr(cls, name, spy(cls, name, original))
+    try:
+        yield
+    finally:
+        for cls, name, original in saved:
+            setattr(cls, name, original)
+    if used:
+        raise CheckFailed(f"Your answer calls the package's {used[0]}, which does {exercise} for you: "
+                          "the exercise is to write it yourself, from the tensors.")
 
 
 def check_vera_merge(merge_vera: Callable) -> None:
@@ -32,8 +57,10 @@ def check_vera_merge(merge_vera: Callable) -> None:
         x = torch.randn(7, fan_in, generator=g, dtype=torch.float64)
         with torch.no_grad():
             want = vera(x)
-        answer = expect_tensor(call_learner(merge_vera, weight.clone(), A_shared.clone(), B_shared.clone(),
-                                            d.clone(), b.clone()), "merge_vera")
+        with _written_by_hand("the merge", (VeRALinear, "merged"), (VeRALinear, "forward")):
+            answer = call_learner(merge_vera, weight.clone(), A_shared.clone(), B_shared.clone(), d.clone(),
+                                  b.clone())
+        answer = expect_tensor(answer, "merge_vera")
         setting = f"a layer from {fan_in} to {fan_out} features"
         if answer.shape != weight.shape:
             if answer.shape == weight.T.shape:
@@ -86,7 +113,8 @@ def check_ia3_merge(merge_ia3_into_qkv: Callable) -> None:
     x = torch.randn(5, width, generator=g, dtype=torch.float64)
     want = scaled(x).detach()
 
-    answer = call_learner(merge_ia3_into_qkv, weight.clone(), bias.clone(), l_k.clone(), l_v.clone())
+    with _written_by_hand("the merge", (ScaleOutput, "merged"), (ScaleOutput, "forward")):
+        answer = call_learner(merge_ia3_into_qkv, weight.clone(), bias.clone(), l_k.clone(), l_v.clone())
     if not isinstance(answer, tuple) or len(answer) != 2:
         raise CheckFailed("merge_ia3_into_qkv should return a pair (weight, bias).")
     new_weight, new_bias = (expect_tensor(t, "merge_ia3_into_qkv") for t in answer)
@@ -111,8 +139,8 @@ def check_ia3_merge(merge_ia3_into_qkv: Callable) -> None:
     ]
     hint = next((h for w, b, h in candidates
                  if torch.allclose(got, x @ w.T + b, atol=1e-10)),
-                "an nn.Linear weight is (out, in): an output feature is a row, so scale rows "
-                f"{width}..{3 * width - 1} of W (and the same entries of b) by l_k then l_v")
+                "an nn.Linear weight is (out, in): an output feature is a row. Which rows make the keys, "
+                "and which the values?")
     raise CheckFailed(f"Your merged layer's outputs are off by up to {(got - want).abs().max().item():.3g}: {hint}.")
 
 
@@ -127,8 +155,9 @@ def check_prompt_tuned_logits(prompt_tuned_logits: Callable) -> None:
         idx = torch.randint(0, model.config.vocab_size, shape, generator=g)
         with torch.no_grad():
             want = reference(idx)
-            got = expect_tensor(call_learner(prompt_tuned_logits, model, reference.prompt.detach().clone(), idx),
-                                "prompt_tuned_logits")
+            with _written_by_hand("the forward pass", (PromptTuned, "forward")):
+                got = call_learner(prompt_tuned_logits, model, reference.prompt.detach().clone(), idx)
+            got = expect_tensor(got, "prompt_tuned_logits")
         setting = f"{n_virtual} virtual tokens before {shape[1]} real ones"
         if got.shape != want.shape:
             hint = ("return the logits of the real tokens only: the virtual tokens' own predictions are dropped"
@@ -143,7 +172,7 @@ def check_prompt_tuned_logits(prompt_tuned_logits: Callable) -> None:
             after = _forward(model, reference.prompt, idx, shift_positions=True, prompt_first=False)
         wrong = [
             (full[:, :shape[1]], "you kept the first positions' logits, which are the virtual tokens' and the "
-                                 "first real ones'; keep the last T, x[:, n_virtual:]"),
+                                 "first real ones': which positions hold the real tokens?"),
             (restarted[:, n_virtual:], "the real tokens' positions must follow the virtual ones (n_virtual, ..., "
                                        "n_virtual + T - 1): the prompt takes the first positions of the context"),
             (after[:, :shape[1]], "the virtual tokens go before the input, not after it"),
