@@ -45,9 +45,9 @@ def test_only_the_adapters_learn(base):
 
 @pytest.mark.parametrize("call, error, message", [
     (lambda m: add_serial_adapters(nn.Linear(2, 2), 4), TypeError, "model must be a lora_edu GPT2"),
-    (lambda m: add_serial_adapters(m, 4, ("ffn",)), ValueError, "sublayers must be a non-empty subset"),
-    (lambda m: add_serial_adapters(m, 4, ()), ValueError, "sublayers must be a non-empty subset"),
-    (lambda m: add_serial_adapters(add_serial_adapters(m, 4), 4), ValueError, "already has serial adapters"),
+    (lambda m: add_serial_adapters(m, 4, ("ffn",)), ValueError, "sublayers must be a non-empty list of names"),
+    (lambda m: add_serial_adapters(m, 4, ()), ValueError, "sublayers must be a non-empty list of names"),
+    (lambda m: add_serial_adapters(add_serial_adapters(m, 4), 4), ValueError, "already has fine-tuning layers: serial adapters"),
     (lambda m: add_serial_adapters(m, 0), ValueError, "bottleneck must be a positive int"),
     (lambda m: SerialAdapter(nn.Identity(), 8.0, 2), ValueError, "d must be a positive int"),
 ])
