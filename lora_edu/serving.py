@@ -405,10 +405,10 @@ class MultiAdapterModel(nn.Module):
         """
         from lora_edu.gpt2 import GPT2, generate
 
-        self.indices_for(adapter_names, idx.shape[0])  # checked against the rows as given
         if isinstance(self.base_model, GPT2):
             with self.serving(adapter_names, idx.shape[0]):
                 return generate(self.base_model, idx, max_new_tokens, **kwargs)
+        self.indices_for(adapter_names, idx.shape[0])  # checked against the rows as given, before copying
         config = kwargs.get("generation_config") or self.base_model.generation_config
         copies = {}
         for option in ("num_beams", "num_return_sequences"):
