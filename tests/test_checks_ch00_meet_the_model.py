@@ -127,7 +127,7 @@ def test_an_unanswered_exercise_gets_told_to_replace_the_stub(checker):
 # --- Exercise 0.4 (open): the best temperature ---
 
 def test_best_temperature_accepts_the_optimum_and_its_flat_neighbourhood(capsys):
-    from lora_edu.checks.meet_the_model import _loss_at, held_out_logits
+    from lora_edu.checks.ch00_meet_the_model import _loss_at, held_out_logits
 
     best = {}
     for corpus in ("shakespeare", "milton"):
@@ -157,7 +157,7 @@ def test_best_temperature_rejects(answer, message):
 
 
 def test_held_out_logits_hands_out_copies_and_names_bad_arguments():
-    from lora_edu.checks.meet_the_model import held_out_logits
+    from lora_edu.checks.ch00_meet_the_model import held_out_logits
 
     logits, targets = held_out_logits("milton", windows=2)
     assert logits.shape == (256, 256) and targets.shape == (256,)

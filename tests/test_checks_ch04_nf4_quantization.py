@@ -184,7 +184,7 @@ def test_quantize_block_rejects(name):
 
 def test_quantize_block_reference_agrees_with_quantize_nf4():
     """The checker's small reference gives quantize_nf4's indices on each of its NF4 cases (blocksize 64)."""
-    from lora_edu.checks.nf4_quantization import _block_cases, _reference_indices
+    from lora_edu.checks.ch04_nf4_quantization import _block_cases, _reference_indices
 
     cases = [(setting, block) for setting, block, code in _block_cases() if torch.equal(code, nf4_code())]
     assert len(cases) == 5
@@ -327,7 +327,7 @@ def test_pack_unpack_rejects(name):
 
 
 def test_pack_cases_follow_quantize_nf4_and_the_hand_made_example():
-    from lora_edu.checks.nf4_quantization import _pack_cases, _reference_pack
+    from lora_edu.checks.ch04_nf4_quantization import _pack_cases, _reference_pack
 
     cases = list(_pack_cases())
     assert cases[0][1].tolist() == [1, 2, 3] and cases[0][2].tolist() == [0x12, 0x37]
@@ -342,7 +342,7 @@ def test_pack_cases_follow_quantize_nf4_and_the_hand_made_example():
 
 def test_odd_counts_are_padded_with_the_index_of_zero_like_quantize_nf4():
     """The exercise's convention is the package's: the padding nibble is ZERO_CODE = 7, which decodes to 0.0."""
-    from lora_edu.checks.nf4_quantization import _reference_pack
+    from lora_edu.checks.ch04_nf4_quantization import _reference_pack
 
     assert ZERO_CODE == 7 and nf4_code()[ZERO_CODE].item() == 0.0
     g = torch.Generator().manual_seed(0)
@@ -422,7 +422,7 @@ def learner_lloyd_max(values, levels, steps):
 
 
 def test_lloyd_max_accepts_converged_levels_from_any_start(capsys):
-    from lora_edu.checks.nf4_quantization import absmax_scaled_normal_blocks
+    from lora_edu.checks.ch04_nf4_quantization import absmax_scaled_normal_blocks
 
     values = absmax_scaled_normal_blocks()
     check_lloyd_max_levels(learner_lloyd_max(values, nf4_code(), 40))
@@ -433,7 +433,7 @@ def test_lloyd_max_accepts_converged_levels_from_any_start(capsys):
 
 def test_lloyd_max_beats_nf4_by_about_a_tenth_and_uses_codes_less_evenly():
     """The chapter's claim: equal-probability levels do not minimise squared error; Lloyd-Max's do."""
-    from lora_edu.checks.nf4_quantization import _best_levels, absmax_scaled_normal_blocks, squared_error_with_levels
+    from lora_edu.checks.ch04_nf4_quantization import _best_levels, absmax_scaled_normal_blocks, squared_error_with_levels
 
     fresh = absmax_scaled_normal_blocks(4096, seed=1)
     nf4, best = squared_error_with_levels(fresh, nf4_code()), squared_error_with_levels(fresh, _best_levels())
@@ -453,7 +453,7 @@ def test_lloyd_max_beats_nf4_by_about_a_tenth_and_uses_codes_less_evenly():
     (None, "None"),
 ])
 def test_lloyd_max_rejects(levels, message):
-    from lora_edu.checks.nf4_quantization import absmax_scaled_normal_blocks
+    from lora_edu.checks.ch04_nf4_quantization import absmax_scaled_normal_blocks
 
     if levels == "make":  # two steps from NF4: better than NF4, not yet converged
         levels = learner_lloyd_max(absmax_scaled_normal_blocks(), nf4_code(), 2)

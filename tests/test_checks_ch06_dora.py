@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.dora import (
+from lora_edu.checks.ch06_dora import (
     check_dora_merge_conv1d,
     check_dora_serving,
     check_dora_unmerge_conv1d,
@@ -214,7 +214,7 @@ def test_dora_serving_rejects_serve(name):
 
 def test_dora_serving_matches_lora_edu_serving_formula():
     """The checker's reference is the DoRA layer itself; the formula the chapter gives agrees with it."""
-    from lora_edu.checks.dora import _dora_layer_output, _serving_case
+    from lora_edu.checks.ch06_dora import _dora_layer_output, _serving_case
 
     W0, b0, A, B, m, scaling = _serving_case(torch.Generator().manual_seed(0), 5, 7, 2, 3)
     x = torch.randn(4, 7, dtype=torch.float64)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.checks import CheckFailed, check_fine_tuning_bytes, check_quantize_and_count, check_training_step
-from lora_edu.checks.qlora_gpt2 import check_blocksize_experiment
+from lora_edu.checks.ch05_qlora_gpt2 import check_blocksize_experiment
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
 from lora_edu.qlora import memory_breakdown
@@ -125,7 +125,7 @@ def test_fine_tuning_bytes_rejects(name):
 
 def test_fine_tuning_bytes_reference_is_memory_breakdown():
     """On GPT-2 124M the rules agree with memory_breakdown's totals within its rounding (half a byte)."""
-    from lora_edu.checks.qlora_gpt2 import _bytes_cases, _lora_count, _reference_bytes
+    from lora_edu.checks.ch05_qlora_gpt2 import _bytes_cases, _lora_count, _reference_bytes
 
     with torch.device("meta"):
         model = GPT2(GPT2Config.from_preset("gpt2"))
@@ -142,7 +142,7 @@ def test_fine_tuning_bytes_reference_is_memory_breakdown():
 def test_each_wrong_bytes_formula_has_its_own_hint():
     """No wrong formula in the checker's list equals the right one on all the cases (which would reject a right
     answer) and, per method, no two with different hints coincide on all of them."""
-    from lora_edu.checks.qlora_gpt2 import METHODS, _bytes_cases, _bytes_variants, _close_bytes, _reference_bytes
+    from lora_edu.checks.ch05_qlora_gpt2 import METHODS, _bytes_cases, _bytes_variants, _close_bytes, _reference_bytes
 
     cases = [case[1:4] for case in _bytes_cases()]
     for method in METHODS:
@@ -315,7 +315,7 @@ def test_quantize_and_count_rejects(name):
 
 
 def test_full_precision_count_is_what_the_quantized_model_holds():
-    from lora_edu.checks.qlora_gpt2 import _COUNT_CONFIGS, _full_precision_count, _seeded_model
+    from lora_edu.checks.ch05_qlora_gpt2 import _COUNT_CONFIGS, _full_precision_count, _seeded_model
     from lora_edu.qlora import quantize_model
 
     for config in _COUNT_CONFIGS:
@@ -425,7 +425,7 @@ def test_training_step_rejects(name):
 def test_clipping_matters_on_both_batches():
     """Each step's raw gradient norm exceeds 0.3, the first above 1 (so clipping at 1.0 shows in the gradients)
     and the second below (so it shows in the adapters): a step without clipping, or clipping at 1.0, differs."""
-    from lora_edu.checks.qlora_gpt2 import _batches, _reference_step, _setup
+    from lora_edu.checks.ch05_qlora_gpt2 import _batches, _reference_step, _setup
 
     model, optimizer = _setup()
     norms = [_reference_step(model, optimizer, x, y)[1] for _, x, y in _batches()]
@@ -433,7 +433,7 @@ def test_clipping_matters_on_both_batches():
 
 
 def test_the_reference_model_trains_only_the_adapters():
-    from lora_edu.checks.qlora_gpt2 import _qlora_model
+    from lora_edu.checks.ch05_qlora_gpt2 import _qlora_model
 
     model = _qlora_model()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

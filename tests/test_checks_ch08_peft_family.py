@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.peft_family import check_ia3_merge, check_prompt_tuned_logits, check_vera_merge
+from lora_edu.checks.ch08_peft_family import check_ia3_merge, check_prompt_tuned_logits, check_vera_merge
 from lora_edu.peft_family import PromptTuned, ScaleOutput, VeRALinear
 
 

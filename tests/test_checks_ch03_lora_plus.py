@@ -211,7 +211,7 @@ def test_lr_by_parameter_rejects(name):
 
 def test_value_matching_is_wrong_on_the_checkers_models():
     """The value-matching answers fail because the models hold equal tensors in different places, not by chance."""
-    from lora_edu.checks.lora_plus import _lr_cases
+    from lora_edu.checks.ch03_lora_plus import _lr_cases
 
     wrong = [lrs_by_value(opt, model) != right_lrs(opt, model) for _, model, opt in _lr_cases()]
     assert any(wrong)
@@ -305,7 +305,7 @@ def test_sign_descent_step_rejects(name):
 
 
 def test_sign_descent_cases_include_b_zero_and_both_signs():
-    from lora_edu.checks.lora_plus import _sign_cases
+    from lora_edu.checks.ch03_lora_plus import _sign_cases
 
     bs = [b.item() for _, b, *_ in _sign_cases()]
     assert 0.0 in bs and any(b > 0 for b in bs) and any(b < 0 for b in bs)
@@ -352,7 +352,7 @@ def test_toy_lora_losses_rejects_bad_input():
 @pytest.fixture(scope="module")
 def toy_optima():
     """The reference sweep's best pair at each width, and every pair within the checker's slack."""
-    from lora_edu.checks.lora_plus import TOY_LRS_A, TOY_LRS_B, TOY_SLACK, TOY_WIDTHS, _toy_mean_losses
+    from lora_edu.checks.ch03_lora_plus import TOY_LRS_A, TOY_LRS_B, TOY_SLACK, TOY_WIDTHS, _toy_mean_losses
 
     out = {}
     for n in TOY_WIDTHS:
@@ -364,7 +364,7 @@ def toy_optima():
 
 
 def test_toy_best_pair_accepts_the_optimum_and_a_near_one(toy_optima, capsys):
-    from lora_edu.checks.lora_plus import check_toy_best_pair
+    from lora_edu.checks.ch03_lora_plus import check_toy_best_pair
 
     best = {n: o["best"] for n, o in toy_optima.items()}
     check_toy_best_pair(best)
@@ -380,7 +380,7 @@ def test_toy_best_pair_ratio_grows_with_width(toy_optima):
 
 
 def test_toy_best_pair_rejects(toy_optima):
-    from lora_edu.checks.lora_plus import check_toy_best_pair
+    from lora_edu.checks.ch03_lora_plus import check_toy_best_pair
 
     best = {n: o["best"] for n, o in toy_optima.items()}
     wrong = [

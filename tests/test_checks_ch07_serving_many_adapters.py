@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.serving import check_pool_bytes, check_ragged_delta, check_unpad_pool
+from lora_edu.checks.ch07_serving_many_adapters import check_pool_bytes, check_ragged_delta, check_unpad_pool
 from lora_edu.serving import gather_bmm
 
 

@@ -155,7 +155,7 @@ def test_rank_keeping_gain_rejects(kept_by_rank, answer, message):
 
 
 def test_gain_kept_measures_the_truncated_update():
-    from lora_edu.checks.svd_intuition import gain_kept
+    from lora_edu.checks.ch01_svd_intuition import gain_kept
     from lora_edu.gpt2 import load_tiny
 
     W0 = load_tiny().transformer.h[0].mlp.c_fc.weight.detach()
