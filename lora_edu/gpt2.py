@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 from lora_edu.data import ByteTokenizer
+from lora_edu.plumbing import check_int, check_tensors_fit
 
 __all__ = [
     "GPT2",
@@ -53,9 +54,7 @@ class GPT2Config:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), name)
         if self.n_embd % self.n_head != 0:
             raise ValueError(
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
@@ -224,8 +223,7 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    check_int(top_k, "top_k", optional=True)
     logits = logits / temperature
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
@@ -250,8 +248,7 @@ def generate(
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be a non-empty (batch, time) tensor, got shape {tuple(idx.shape)}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+    check_int(max_new_tokens, "max_new_tokens", minimum=0)
     next_token_probs(torch.zeros(1), temperature, top_k)  # validates both, before any work
     generator = torch.Generator(device=idx.device)
     if seed is not None:
@@ -339,18 +336,10 @@ def load_tiny(device: str | torch.device = "cpu") -> GPT2:
 
 def _load_state(model: GPT2, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``model``, naming every missing, unexpected or misshapen tensor."""
+    state = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied to wte
     expected = {k: v.shape for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected and k != "lm_head.weight"]
-    problems += [
-        f"{k}: checkpoint has shape {tuple(state[k].shape)}, model expects {tuple(shape)}"
-        for k, shape in expected.items()
-        if k in state and state[k].shape != shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        raise ValueError(f"{source} does not fit a GPT2 with {model.config}: {shown}")
-    model.load_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"}, strict=False)
+    check_tensors_fit(state, expected, holder="checkpoint", failure=f"{source} does not fit a GPT2 with {model.config}")
+    model.load_state_dict(state, strict=False)
 
 
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.lora import lora_layers
+from lora_edu.plumbing import check_int
 
 __all__ = ["create_loraplus_optimizer", "loraplus_param_groups", "toy_lora_losses"]
 
@@ -143,11 +144,8 @@ def toy_lora_losses(
     returned is the expected one over fresh inputs, 0.5 |b a - t|^2; a run that diverged
     gives inf. Every pair sees the same inputs (the same ``seed``). float64 throughout.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
+        check_int(value, name)
     for name, rates in (("lrs_a", lrs_a), ("lrs_b", lrs_b)):
         if len(rates) == 0:
             raise ValueError(f"{name} must be a non-empty list of learning rates, got {rates!r}")

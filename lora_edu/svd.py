@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from lora_edu.plumbing import check_int
+
 __all__ = [
     "effective_rank",
     "energy_curve",
@@ -128,8 +130,7 @@ def subspace_similarity(W1: torch.Tensor, W2: torch.Tensor, i: int, j: int | Non
 def low_rank_parameters(d: int, k: int, r: int) -> int:
     """Parameters of a rank-r factorisation B (d x r) times A (r x k): r (d + k), against d k."""
     for name, value in (("d", d), ("k", k), ("r", r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(value, name)
     if r > min(d, k):
         raise ValueError(f"r must be at most min(d, k) = {min(d, k)}, got {r}")
     return r * (d + k)
