@@ -118,7 +118,7 @@ def test_low_rank_parameters_accepts(capsys):
 @pytest.fixture
 def kept_by_rank(monkeypatch):
     """A stand-in for the held-out measurement: rank r keeps min(1, r / 20) of the gain, so 18 is the answer."""
-    from lora_edu.checks import svd_intuition
+    from lora_edu.checks import ch01_svd_intuition
 
     calls = []
 
@@ -126,7 +126,7 @@ def kept_by_rank(monkeypatch):
         calls.append(list(ranks))
         return {r: min(1.0, r / 20) for r in ranks}
 
-    monkeypatch.setattr(svd_intuition, "gain_kept", fake_gain_kept)
+    monkeypatch.setattr(ch01_svd_intuition, "gain_kept", fake_gain_kept)
     return calls
 
 
