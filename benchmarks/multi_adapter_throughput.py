@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
+from lora_edu.lora import add_lora, lora_layers
+from lora_edu.peft_format import load_adapter, save_adapter
 from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 from lora_edu.serving import MultiAdapterModel
 

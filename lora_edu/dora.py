@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_edu.lora import LoRALinear, is_quantized
+from lora_edu.lora_layer import LoRALinear, is_conv1d, is_quantized
 from lora_edu.nf4 import NF4Linear
 
 __all__ = ["DoRALinear", "adapted_weight", "weight_decomposition"]
@@ -37,11 +37,9 @@ __all__ = ["DoRALinear", "adapted_weight", "weight_decomposition"]
 class DoRALinear(LoRALinear):
     """``LoRALinear`` with a trained magnitude per output row: ``m * (W0 + s B A) / ||W0 + s B A||``.
 
-    Takes what :class:`~lora_edu.lora.LoRALinear` takes (A, B, scaling, rsLoRA, dropout,
+    Takes what :class:`~lora_edu.lora_layer.LoRALinear` takes (A, B, scaling, rsLoRA, dropout,
     ``fan_in_fan_out`` for GPT-2's Conv1D, a 4-bit base). ``magnitude`` has shape (out,).
     """
-
-    use_dora = True
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0,
                  fan_in_fan_out: bool = False, use_rslora: bool = False):
@@ -93,6 +91,11 @@ class DoRALinear(LoRALinear):
             base = F.linear(dropped, self.base_weight())  # W0 x_d, on the same dropout mask
         return out + ((factor - 1) * base + factor * lora).to(out.dtype)
 
+    def merged_weight(self) -> torch.Tensor:
+        """The weight :meth:`merge` writes, laid out like the base weight: (m / n) * (W0 + s B A)."""
+        merged, _ = self.rescaled_weight()
+        return (merged.T if self.fan_in_fan_out else merged).to(self.base_layer.weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """W0 <- (m / n) * (W0 + s B A), row by row; n is kept so that :meth:`unmerge` is exact."""
@@ -141,7 +144,7 @@ def adapted_weight(layer: nn.Module) -> torch.Tensor:
         return (adapted_weight(layer.base_layer) + delta).float()
     if isinstance(layer, nn.Linear):
         return layer.weight.detach().float()
-    if type(layer).__name__ == "Conv1D":  # GPT-2's, stored (in, out)
+    if is_conv1d(layer):  # GPT-2's, stored (in, out)
         return layer.weight.detach().T.float()
     raise TypeError(f"layer must be nn.Linear, a GPT-2 Conv1D, a LoRALinear or a DoRALinear, got {type(layer).__name__}")
 

@@ -61,7 +61,7 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 
 def _method_layers(model: nn.Module) -> dict[str, list[str]]:
     """Which fine-tuning method's layers the model already holds, by method: {method: [module names]}."""
-    from lora_edu.lora import LoRALinear
+    from lora_edu.lora_layer import LoRALinear
     from lora_edu.serving import MultiLoRALinear
 
     kinds = ((LoRALinear, "LoRA"), (MultiLoRALinear, "a multi-adapter pool"), (ScaleOutput, "(IA)³"),

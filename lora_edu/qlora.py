@@ -24,7 +24,8 @@ import weakref
 import torch
 import torch.nn as nn
 
-from lora_edu.lora import _is_conv1d, _name_matches, is_quantized, lora_layers, merge_lora
+from lora_edu.lora import lora_layers, merge_lora, name_matches as _name_matches  # public in lora
+from lora_edu.lora_layer import is_conv1d as _is_conv1d, is_quantized  # public in lora_layer
 from lora_edu.nf4 import NF4Linear, _check_blocksize, _check_weight, bits_per_parameter, check_compute_dtype, dequantize_nf4
 
 __all__ = [

@@ -43,26 +43,16 @@ adapter_names=[...])`` with one name (or ``None``) per row.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from lora_edu.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    _check_targets,
-    _is_conv1d,
-    _is_linear,
-    _our_key,
-    _select,
-    _unsupported_options,
-    lora_layers,
-)
+from lora_edu.lora import lora_layers, select_modules
+from lora_edu.lora_layer import is_conv1d, is_linear, lora_scaling
+from lora_edu.peft_format import adapter_targets, read_adapter
+from lora_edu.plumbing import check_int, check_tensors_fit, replace_module
 
 __all__ = ["MultiAdapterModel", "MultiLoRALinear", "dora_scale", "gather_bmm", "lora_loop", "segments", "sgmv"]
 
@@ -197,10 +187,10 @@ class MultiLoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, n_adapters: int, r_max: int, kernel: str = "gather_bmm",
                  dora: bool = False):
         super().__init__()
-        if not _is_linear(base_layer):
+        if not is_linear(base_layer):
             raise TypeError(f"base_layer must be nn.Linear or a GPT-2 Conv1D, got {type(base_layer).__name__}")
         weight = base_layer.weight
-        conv1d = _is_conv1d(base_layer)
+        conv1d = is_conv1d(base_layer)
         out_features, in_features = weight.shape[::-1] if conv1d else weight.shape
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
@@ -215,7 +205,7 @@ class MultiLoRALinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """W0 as (out, in), in the pool's dtype."""
         weight = self.base_layer.weight
-        return (weight.T if _is_conv1d(self.base_layer) else weight).to(self.A.dtype)
+        return (weight.T if is_conv1d(self.base_layer) else weight).to(self.A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -247,24 +237,6 @@ class MultiLoRALinear(nn.Module):
                 + (", dora" if self.g is not None else ""))
 
 
-def _read_adapter(name: str, directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (directory / file).is_file():
-            raise FileNotFoundError(f"adapter {name!r}: {directory / file} not found; an adapter folder holds "
-                                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"adapter {name!r} is a {config.get('peft_type')!r} adapter, not LORA")
-    unsupported = _unsupported_options(config)
-    if unsupported:
-        raise ValueError(f"adapter {name!r} uses {'; '.join(unsupported)}, which lora_edu does not support")
-    state = {_our_key(k): v for k, v in load_file(str(directory / ADAPTER_WEIGHTS)).items()}
-    return config, state
-
-
 class MultiAdapterModel(nn.Module):
     """One base model and many LoRA and DoRA adapters, a different one for each row of a batch.
 
@@ -288,20 +260,15 @@ class MultiAdapterModel(nn.Module):
             raise ValueError(f"adapters must be a non-empty dict of name -> adapter folder, got {adapters!r}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {sorted(KERNELS)}, got {kernel!r}")
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank <= 0):
-            raise ValueError(f"max_rank must be None or a positive int, got {max_rank!r}")
+        check_int(max_rank, "max_rank", optional=True)
         if lora_layers(base_model) or any(isinstance(m, MultiLoRALinear) for m in base_model.modules()):
             raise ValueError("base_model already has LoRA layers; serve adapters on the plain base model")
         modules = {n: m for n, m in base_model.named_modules() if n}
-        read = {name: _read_adapter(name, directory) for name, directory in adapters.items()}
+        read = {name: read_adapter(directory, name) for name, directory in adapters.items()}
 
-        plans = {}  # adapter name -> {module name: (A, B)}, every check passed before anything changes
+        plans = {}  # adapter name -> {module name: (A, B, magnitude)}, every check passed before anything changes
         for name, (config, state) in read.items():
-            targets, exclude = config["target_modules"], config.get("exclude_modules") or ()
-            _check_targets(targets)
-            if targets == "all-linear":
-                exclude = rf"(?:{exclude})|(?:.*\.)?lm_head" if isinstance(exclude, str) else (*exclude, "lm_head")
-            chosen, unmatched = _select(modules, targets, exclude)
+            chosen, unmatched = select_modules(modules, *adapter_targets(config))
             if unmatched:
                 raise ValueError(f"adapter {name!r} targets {', '.join(map(repr, unmatched))}, which this model does "
                                  "not have: was it made for another base model?")
@@ -327,13 +294,11 @@ class MultiAdapterModel(nn.Module):
                     config = read[name][0]
                     pool.A[i, : a.shape[0]] = a
                     pool.B[i, :, : b.shape[1]] = b
-                    r = config["r"]
-                    pool.scaling[i] = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+                    pool.scaling[i] = lora_scaling(config["lora_alpha"], config["r"], config.get("use_rslora", False))
                     if magnitude is not None:  # DoRA: g = m / ||W0 + s B A||, once, at load
                         pool.g[i] = dora_scale(pool.base_weight(), pool.A[i], pool.B[i], pool.scaling[i],
                                                magnitude.to(pool.g.dtype))
-            parent, _, child = module_name.rpartition(".")
-            setattr(base_model.get_submodule(parent) if parent else base_model, child, pool)
+            replace_module(base_model, module_name, pool)
         for p in base_model.parameters():
             p.requires_grad_(False)
 
@@ -342,19 +307,14 @@ class MultiAdapterModel(nn.Module):
         r = config["r"]
         expected = {}
         for module_name, module in chosen.items():
-            conv1d = _is_conv1d(module)
+            conv1d = is_conv1d(module)
             out_f, in_f = module.weight.shape[::-1] if conv1d else module.weight.shape
             expected[f"{module_name}.lora_A.weight"] = (r, in_f)
             expected[f"{module_name}.lora_B.weight"] = (out_f, r)
             if config.get("use_dora"):
                 expected[f"{module_name}.magnitude"] = (out_f,)
-        problems = [f"missing {k}" for k in expected if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [f"{k} has shape {tuple(state[k].shape)}, this model expects {shape}"
-                     for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
-        if problems:
-            shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
-            raise ValueError(f"adapter {name!r} does not fit this model (made for another base model?): {shown}")
+        check_tensors_fit(state, expected, holder="adapter", shown=3,
+                          failure=f"adapter {name!r} does not fit this model (made for another base model?)")
         return {m: (state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"], state.get(f"{m}.magnitude"))
                 for m in chosen}
 
@@ -410,13 +370,8 @@ class MultiAdapterModel(nn.Module):
                 return generate(self.base_model, idx, max_new_tokens, **kwargs)
         self.indices_for(adapter_names, idx.shape[0])  # checked against the rows as given, before copying
         config = kwargs.get("generation_config") or self.base_model.generation_config
-        copies = {}
-        for option in ("num_beams", "num_return_sequences"):
-            value = kwargs.get(option, getattr(config, option, None) or 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{option} must be a positive int, got {value!r}")
-            copies[option] = value
-        expand = max(copies.values())
+        expand = max(check_int(kwargs.get(option, getattr(config, option, None) or 1), option)
+                     for option in ("num_beams", "num_return_sequences"))
         per_copy = [name for name in adapter_names for _ in range(expand)]
         with self.serving(per_copy, idx.shape[0] * expand):
             return self.base_model.generate(idx, max_new_tokens=max_new_tokens, **kwargs)

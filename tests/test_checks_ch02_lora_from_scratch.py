@@ -12,7 +12,7 @@ from lora_edu.checks import (
     check_merge_unmerge,
 )
 from lora_edu.checks.ch02_lora_from_scratch import RANK_MARGIN, _best_toy_loss, check_smallest_rank, rank_toy
-from lora_edu.lora import LoRALinear
+from lora_edu.lora_layer import LoRALinear
 
 
 def stub(*args):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lora_edu.checks import CheckFailed, check_loraplus_groups, check_lr_by_parameter, check_sign_descent_step
-from lora_edu.lora import LoRALinear, mark_only_lora_trainable
+from lora_edu.lora import mark_only_lora_trainable
+from lora_edu.lora_layer import LoRALinear
 from lora_edu.loraplus import loraplus_param_groups
 
 

@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.lora import LoRALinear, add_lora, lora_layers
+from lora_edu.lora import add_lora, lora_layers
+from lora_edu.lora_layer import LoRALinear
 from lora_edu.nf4 import NF4Linear, dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
 from lora_edu.qlora import compute_dtype_for, make_optimizer, prepare_for_kbit_training, quantize_model
 

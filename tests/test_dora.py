@@ -113,7 +113,8 @@ def test_a_dora_adapter_round_trips_with_peft_in_both_directions(tmp_path):
 
     from safetensors.torch import load_file
 
-    from lora_edu.lora import add_lora, load_adapter, lora_layers, merge_lora, save_adapter
+    from lora_edu.lora import add_lora, lora_layers, merge_lora
+    from lora_edu.peft_format import load_adapter, save_adapter
 
     hf = small_hf_gpt2()
     idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -189,7 +190,7 @@ def test_the_norm_keeps_nothing_for_backward():
     activations more than LoRA (the base and LoRA outputs it rescales), never a dense (out, in)
     matrix, which a norm that gradients pass through would keep."""
     from lora_edu.lora import LoRALinear
-    from lora_edu.qlora import saved_activation_bytes
+    from lora_edu.memory import saved_activation_bytes
 
     torch.manual_seed(0)
     base = torch.nn.Linear(96, 48)
@@ -204,7 +205,8 @@ def test_the_norm_keeps_nothing_for_backward():
 def test_a_peft_dora_adapter_whose_magnitude_does_not_fit_is_refused_and_changes_nothing(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
+    from lora_edu.lora import add_lora, lora_layers
+    from lora_edu.peft_format import load_adapter, save_adapter
 
     hf = small_hf_gpt2()
     save_adapter(add_lora(copy.deepcopy(hf), ["c_attn"], r=4, alpha=8, use_dora=True), tmp_path)

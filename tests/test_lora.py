@@ -14,17 +14,9 @@ from safetensors import safe_open
 from hf_models import small_hf_gpt2
 from unchanged import assert_unchanged, snapshot
 from lora_edu.gpt2 import GPT2, GPT2Config, load_checkpoint, save_checkpoint, state_dict_from_hf
-from lora_edu.lora import (
-    LoRALinear,
-    add_lora,
-    count_parameters,
-    load_adapter,
-    lora_layers,
-    lora_state_dict,
-    mark_only_lora_trainable,
-    merge_lora,
-    save_adapter,
-)
+from lora_edu.lora import add_lora, count_parameters, lora_layers, lora_state_dict, mark_only_lora_trainable, merge_lora
+from lora_edu.lora_layer import LoRALinear
+from lora_edu.peft_format import load_adapter, save_adapter
 
 SMALL = GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 ALL_LINEAR = [

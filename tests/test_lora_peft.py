@@ -11,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from hf_models import small_hf_gpt2  # noqa: E402
 from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf  # noqa: E402
-from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter  # noqa: E402
+from lora_edu.lora import add_lora, lora_layers  # noqa: E402
+from lora_edu.peft_format import load_adapter, save_adapter  # noqa: E402
 
 SMALL = GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from hf_models import small_hf_gpt2
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.lora import LoRALinear, add_lora, is_quantized, lora_layers, merge_lora
+from lora_edu.lora import add_lora, lora_layers, merge_lora
+from lora_edu.lora_layer import LoRALinear, is_quantized
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, nf4_code
 from lora_edu.qlora import (
     LLAMA_SHAPES,

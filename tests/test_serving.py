@@ -9,7 +9,8 @@ import torch
 
 from hf_models import small_hf_gpt2
 from lora_edu.gpt2 import GPT2, GPT2Config, generate
-from lora_edu.lora import add_lora, load_adapter, lora_layers, save_adapter
+from lora_edu.lora import add_lora, lora_layers
+from lora_edu.peft_format import load_adapter, save_adapter
 from lora_edu.serving import MultiAdapterModel, MultiLoRALinear, dora_scale, gather_bmm, lora_loop, segments, sgmv
 
 

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.lora import LoRALinear, add_lora, count_parameters
+from lora_edu.lora import add_lora, count_parameters
+from lora_edu.lora_layer import LoRALinear
 
 __all__ = [
     "RANK_MARGIN",
