@@ -20,40 +20,11 @@ bitsandbytes 0.50.2 (``bitsandbytes.functional.quantize_4bit(w, blocksize=bs,
 quant_type="nf4", compress_statistics=dq)`` and ``dequantize_4bit``), for float32,
 bfloat16 and float16 weights of any shape and every blocksize bitsandbytes allows
 (32 ... 4096), with and without double quantization; the tests compare them with
-``torch.equal``. bitsandbytes has two implementations that round differently at the
-edges, its pure-PyTorch CPU path and its CUDA kernel, and ``quantize_nf4(...,
-kernel="cpu" | "cuda")`` copies either (by default the one for the weight's device).
-That meant copying choices a textbook would not make:
-
-* The CPU path multiplies a full block by ``1 / absmax`` and divides the last, partial
-  block by its absmax; the two can differ in the last bit, which moves a value that lies
-  on a boundary between two levels. The CUDA kernel, compiled with ``--use_fast_math``,
-  multiplies every block by the GPU's *approximate* reciprocal (one mantissa in eight is
-  one unit in the last place off; :func:`cuda_reciprocal` reproduces it from a table
-  measured on the GPU).
-* A value exactly on the midpoint between two levels takes the lower level (index i, not
-  i + 1). The CPU path computes the midpoints in float32; the CUDA kernel's are decimal
-  literals, and four of them round to a float32 one unit away from the CPU's.
-* An all-zero block: the CPU path stores the index of 0.0 (7) with absmax 0 (1e-38 in a
-  partial last block, where it clamps); the CUDA kernel gets 0 * (1/0) = NaN, which its
-  decision tree sends to index 0 (-1.0), with absmax 0. All dequantize to 0.
-* Double quantization: the CPU 8-bit kernel does not search the dynamic map directly: it
-  rounds each scaled value to one of 65,536 evenly spaced points in [-1, 1] and takes the
-  level nearest that point. Near zero, where the map's levels are closer together than
-  those points, that is not the nearest level (an exact 0 is stored as level 131,
-  2.1e-5, not level 127, 0.0). The CUDA kernel binary-searches the map and takes the
-  nearer neighbour. See :func:`quantize_8bit_blockwise`.
-
-On real weights the two kernels almost never differ: in the tiny GPT-2's 16 linear
-layers, one value of 786,432 sits on a threshold where they disagree.
-
-One exception, a bitsandbytes bug: its AVX-512 CPU dequantize kernel gives wrong values
-for a 2-D weight whose rows are a multiple of 16 long but not a multiple of the blocksize
-(4 x 80 or 256 x 80 with blocksize 64, say); it appears to restart the block count at
-every row. For other row lengths that are not a multiple of the blocksize (17 x 129, say)
-its ``Linear4bit`` crashes at inference instead. Its quantize, and its own pure-PyTorch
-dequantize, count blocks over the flattened tensor, as we do. Rows that are a multiple of
-the blocksize (768 or 4096 wide with the default 64) never meet either.
+``torch.equal``. bitsandbytes' CPU path and its CUDA kernel round differently at the
+edges (an all-zero block, a partial last block, a value within a rounding error of a
+midpoint, the 8-bit absmaxes), and ``quantize_nf4(..., kernel="cpu" | "cuda")`` copies
+either. Here the two part ways in a few marked lines; what each rounding is, and where
+bitsandbytes itself goes wrong, is in :mod:`lora_edu.nf4_bitexact`.
 
 Two dequantize functions give the same values bit for bit: :func:`dequantize_nf4`, the
 one Chapter 4 teaches, written to be read, and :func:`dequantize_nf4_fast`, which
@@ -68,21 +39,25 @@ from __future__ import annotations
 
 import functools
 import math
-from fractions import Fraction
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_edu.data import DATA_DIR
+from lora_edu.nf4_bitexact import (
+    binary_search_8bit,
+    check_rounding,
+    cuda_nf4_thresholds,
+    cuda_reciprocal,
+    grid_lookup_8bit,
+)
+from lora_edu.plumbing import check_int
 
 __all__ = [
     "NF4Linear",
     "NF4State",
     "bits_per_parameter",
-    "cuda_reciprocal",
     "dequantize_8bit_blockwise",
     "dequantize_int4",
     "dequantize_nf4",
@@ -100,11 +75,10 @@ NF4_OFFSET = 0.9677083  # the outermost quantile: (1 - 1/(2*15) + 1 - 1/(2*16)) 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 DQ_BLOCKSIZE = 256  # bitsandbytes quantizes the absmaxes in blocks of 256
 ZERO_CODE = 7  # nf4_code()[7] == 0.0; odd lengths are padded with it
-KERNELS = ("cpu", "cuda")  # whose rounding quantize_nf4 copies: bitsandbytes' CPU path or its CUDA kernel
 
 
 # ----------------------------------------------------------------------------------------
-# The codes: 16 levels for NF4 (and FP4, for comparison), 256 for the 8-bit dynamic map
+# The codes: 16 levels for NF4 (and FP4, for comparison)
 # ----------------------------------------------------------------------------------------
 
 
@@ -145,244 +119,6 @@ def fp4_code() -> torch.Tensor:
     exponent, mantissa = index // 2, (index % 2).float()
     magnitude = torch.where(exponent == 0, mantissa * 0.0625, (1 + mantissa / 2) * 2.0 ** (4 - exponent))
     return torch.cat([magnitude, -magnitude]) / magnitude.max()
-
-
-@functools.cache
-def _dynamic_map() -> torch.Tensor:
-    levels = [torch.tensor([0.0, 1.0])]
-    for i in range(7):  # decimal exponents 10^-6 ... 10^0, with 1, 2, 4, ... 64 fractions each
-        edges = torch.linspace(0.1, 1, 2**i + 1)
-        fractions = (edges[:-1] + edges[1:]) / 2
-        levels += [10 ** (i - 6) * fractions, -(10 ** (i - 6)) * fractions]
-    return torch.cat(levels).sort().values
-
-
-def dynamic_map() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map: 256 sorted float32 levels in [-0.993, 1].
-
-    Dettmers (2016): after the sign, a decimal exponent 10^-6 ... 10^0 and a linear
-    fraction in (0.1, 1); the larger the exponent, the more fractions it gets (1 for 10^-6,
-    64 for 10^0). So the levels are dense near 0 and relative error stays small across six
-    orders of magnitude. Equals ``bitsandbytes.functional.create_dynamic_map(signed=True)``.
-    """
-    return _dynamic_map().clone()
-
-
-# ----------------------------------------------------------------------------------------
-# Checks
-# ----------------------------------------------------------------------------------------
-
-
-def _check_weight(w, name: str = "w") -> torch.Tensor:
-    """``w`` flattened to float32, after checking it is a non-empty, finite float tensor."""
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
-    if not w.is_floating_point():
-        raise TypeError(f"{name} must hold floating-point numbers, got {w.dtype}")
-    if w.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(w.shape)}")
-    flat = w.detach().reshape(-1).float()
-    bad = (~torch.isfinite(flat)).sum().item()
-    if bad:
-        # One NaN or inf would poison its block's absmax and with it every value in the block.
-        raise ValueError(f"{name} has {bad} NaN or infinite value(s) (in float32); a quantizer cannot store them")
-    return flat
-
-
-def _check_blocksize(blocksize, name: str = "blocksize") -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"{name} must be a power of two from 32 to 4096 (as in bitsandbytes), got {blocksize!r}")
-    return blocksize
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """``flat`` zero-padded to whole blocks, one block per row (the padding never sets an absmax)."""
-    n_blocks = -(-flat.numel() // blocksize)
-    return F.pad(flat, (0, n_blocks * blocksize - flat.numel())).view(n_blocks, blocksize)
-
-
-def _check_kernel(kernel, device: torch.device) -> str:
-    """Whose rounding to copy: bitsandbytes' CPU path or its CUDA kernel (default: the tensor's device)."""
-    if kernel is None:
-        return "cuda" if device.type == "cuda" else "cpu"
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS} or None (the tensor's device), got {kernel!r}")
-    return kernel
-
-
-# ----------------------------------------------------------------------------------------
-# How bitsandbytes' CUDA kernel rounds
-# ----------------------------------------------------------------------------------------
-#
-# The CUDA kernel is compiled with --use_fast_math, so it scales a block by an
-# *approximate* reciprocal of its absmax (the GPU's rcp.approx instruction, at most 1 unit
-# in the last place off), then multiplies. The approximation depends only on the 23
-# mantissa bits of its input, so one table of 2**23 corrections, measured on the GPU by
-# scripts/cuda_reciprocal_table.py, turns PyTorch's exact reciprocal into the kernel's.
-
-RECIPROCAL_TABLE = DATA_DIR / "cuda_reciprocal.npz"
-
-
-@functools.cache
-def _reciprocal_corrections(device: torch.device) -> torch.Tensor:
-    """int8 tensor of 2**23 values in {-1, 0, 1} on ``device``: rcp.approx minus the exact reciprocal, in ulps."""
-    if not RECIPROCAL_TABLE.exists():
-        raise FileNotFoundError(
-            f"{RECIPROCAL_TABLE} is missing: kernel='cuda' needs the GPU's reciprocal table, "
-            "which scripts/cuda_reciprocal_table.py measures on a CUDA GPU"
-        )
-    with np.load(RECIPROCAL_TABLE, allow_pickle=False) as table:
-        return torch.from_numpy(unpack_reciprocal_table(table).astype(np.int8)).to(device)
-
-
-def unpack_reciprocal_table(table) -> np.ndarray:
-    """The corrections (int32, -1/0/+1 per mantissa) from the table's two bit-packed masks."""
-    n = int(table["n"])
-    differs = np.unpackbits(table["differs"])[:n].astype(bool)
-    up = np.unpackbits(table["up"])[:n].astype(bool)
-    return np.where(differs, np.where(up, 1, -1), 0).astype(np.int32)
-
-
-def cuda_reciprocal(x: torch.Tensor) -> torch.Tensor:
-    """``1 / x`` in float32 as bitsandbytes' CUDA kernel computes it (``--use_fast_math``).
-
-    Exact IEEE reciprocals, then the GPU's error added back from the measured table; zero
-    and subnormal inputs give inf, and results too small to be normal give 0 (fast math
-    flushes subnormals to zero).
-    """
-    x = x.float()
-    exact = 1.0 / x
-    mantissa = (x.view(torch.int32) & 0x7FFFFF).long()
-    bits = exact.view(torch.int32) + _reciprocal_corrections(x.device)[mantissa]
-    result = torch.where(torch.isfinite(exact) & (exact != 0), bits.view(torch.float32), exact)
-    tiny = torch.finfo(torch.float32).tiny
-    result = torch.where(x.abs() < tiny, torch.full_like(x, math.inf).copysign(x), result)
-    return torch.where(result.abs() < tiny, torch.zeros_like(result).copysign(result), result)
-
-
-# The kernel's decision tree for NF4 (dQuantizeNF4) compares a scaled value with these
-# literals: strictly above one goes up, and NaN (an all-zero block, 0 * 1/0) fails every
-# test and lands on level 0. They are the midpoints between neighbouring levels, but the
-# compiler rounds each once, straight to float32, and four of them then sit one unit in
-# the last place from the float32 midpoints that the CPU path computes.
-_CUDA_NF4_THRESHOLDS = (
-    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
-    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
-    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
-    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011",
-)
-
-
-def _float32_literal(text: str) -> float:
-    """The float32 nearest the decimal ``text``, rounded once, as a C compiler rounds ``1.5f``.
-
-    ``float(text)`` would round to float64 first and then to float32, which can land one
-    unit in the last place away.
-    """
-    exact = Fraction(text)
-    near = torch.tensor(float(exact), dtype=torch.float32)
-    neighbours = [torch.nextafter(near, torch.tensor(step, dtype=torch.float32)) for step in (-math.inf, math.inf)]
-    return min([near, *neighbours], key=lambda c: abs(Fraction(c.item()) - exact)).item()
-
-
-@functools.cache
-def _cuda_nf4_thresholds() -> torch.Tensor:
-    return torch.tensor([_float32_literal(t) for t in _CUDA_NF4_THRESHOLDS], dtype=torch.float32)
-
-
-def _binary_search_8bit(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-    """The kernel's dQuantize: a 7-step binary search of the 256 sorted levels, then the nearer neighbour.
-
-    Vectorised, step for step, including its edges: the search ends on levels 0 ... 254,
-    and NaN compares false everywhere, so it becomes level 0.
-    """
-    pivot = torch.full(x.shape, 127, dtype=torch.long, device=x.device)
-    lower_pivot, upper_pivot = torch.zeros_like(pivot), torch.full_like(pivot, 255)
-    lower, upper = torch.full_like(x, -1.0), torch.full_like(x, 1.0)
-    value = code[pivot]
-    for step in (64, 32, 16, 8, 4, 2, 1):
-        up = x > value
-        lower_pivot, lower = torch.where(up, pivot, lower_pivot), torch.where(up, value, lower)
-        upper_pivot, upper = torch.where(up, upper_pivot, pivot), torch.where(up, upper, value)
-        pivot = torch.where(up, pivot + step, pivot - step)
-        value = code[pivot]
-    upper = torch.where(upper_pivot == 255, code[255], upper)
-    lower = torch.where(lower_pivot == 0, code[0], lower)
-    up = x > value
-    to_upper = torch.where(x > (upper + value) * 0.5, upper_pivot, pivot)
-    to_lower = torch.where(x < (lower + value) * 0.5, lower_pivot, pivot)
-    return torch.where(up, to_upper, to_lower).to(torch.uint8)
-
-
-# ----------------------------------------------------------------------------------------
-# 8-bit blockwise quantization, for the absmaxes (double quantization)
-# ----------------------------------------------------------------------------------------
-
-_GRID_HALF = 32767.5  # 65,536 evenly spaced points j / 32767.5 - 1, j = 0 ... 65535, cover [-1, 1]
-
-
-@functools.cache
-def _grid_to_level() -> torch.Tensor:
-    # For each of bitsandbytes' 65,536 grid points, the nearest dynamic-map level.
-    grid = torch.arange(65536, dtype=torch.float64) / _GRID_HALF - 1
-    code = _dynamic_map().double()
-    return torch.bucketize(grid, (code[:-1] + code[1:]) / 2).to(torch.uint8)
-
-
-def quantize_8bit_blockwise(
-    x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE, kernel: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit codes (uint8, shaped like ``x``) and one float32 absmax per block, as bitsandbytes.
-
-    Equals ``bitsandbytes.functional.quantize_blockwise(x, blocksize=blocksize)`` for float32
-    ``x``, on the CPU (``kernel="cpu"``) or on a CUDA GPU (``kernel="cuda"``; the default is
-    the one for ``x``'s device). The two kernels round differently:
-
-    * CPU: each block is multiplied by ``1 / absmax``; each scaled value s is rounded to the
-      grid point ``j = floor((s + 1) * 32767.5 + 0.5)`` (float32 arithmetic) and stored as
-      the dynamic-map level nearest that grid point. Near zero that is not always the
-      nearest level, because the levels there are closer together than the grid (spacing
-      3.1e-5): an exact 0 becomes level 131 (2.1e-5), not 127 (0.0). An all-zero block
-      (0 * inf = NaN) is stored as level 0; infinities from a denormal absmax as 0 or 255.
-    * CUDA: each block is multiplied by the GPU's approximate ``1 / absmax``
-      (:func:`cuda_reciprocal`) and each value goes to the nearer of the two levels a
-      binary search of the map ends between: the nearest level, NaN to level 0.
-    """
-    flat = _check_weight(x, "x")
-    blocksize = _check_positive_int(blocksize, "blocksize")
-    kernel = _check_kernel(kernel, flat.device)
-    blocks = _blocks(flat, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    if kernel == "cuda":
-        scaled = blocks * cuda_reciprocal(absmax)[:, None]
-        codes = _binary_search_8bit(scaled, _dynamic_map().to(x.device))
-    else:
-        scaled = blocks * (1.0 / absmax)[:, None]  # the reciprocal, as the kernel: x / absmax differs in the last bit
-        scaled = torch.nan_to_num(scaled, nan=-1.0).clamp(-1, 1)  # the kernel sends NaN to -1 and clamps +-inf
-        grid_point = torch.floor((scaled + 1) * _GRID_HALF + 0.5).long()
-        codes = _grid_to_level().to(x.device)[grid_point]
-    return codes.reshape(-1)[: flat.numel()].reshape(x.shape), absmax
-
-
-def dequantize_8bit_blockwise(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
-    """float32 values ``dynamic_map()[code] * absmax`` of their block, shaped like ``codes``."""
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
-        raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
-    blocksize = _check_positive_int(blocksize, "blocksize")
-    n_blocks = -(-codes.numel() // blocksize)
-    if absmax.numel() != n_blocks:
-        raise ValueError(
-            f"absmax has {absmax.numel()} values, but {codes.numel()} codes in blocks of {blocksize} need {n_blocks}"
-        )
-    levels = _dynamic_map().to(codes.device)[codes.reshape(-1).long()]
-    values = _blocks(levels, blocksize) * absmax.float().reshape(-1, 1)
-    return values.reshape(-1)[: codes.numel()].reshape(codes.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -445,11 +181,11 @@ def quantize_nf4(
     only at the edges: an all-zero block, a partial last block, a value within a rounding
     error of the midpoint between two levels, and the double-quantized absmaxes.
     """
-    flat = _check_weight(w)
-    blocksize = _check_blocksize(blocksize)
+    flat = check_weight(w)
+    blocksize = check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    kernel = _check_kernel(kernel, flat.device)
+    kernel = check_rounding(kernel, flat.device)
     n = flat.numel()
 
     # 1-2. Blocks, their absmax, and the values scaled into [-1, 1].
@@ -467,9 +203,9 @@ def quantize_nf4(
 
     # 3. The nearest level: count the midpoints below. A value on a midpoint (right=False)
     # takes the lower level. The CUDA kernel's decision tree tests its own float32 midpoints
-    # with ">" (see _CUDA_NF4_THRESHOLDS) and sends NaN to level 0.
+    # with ">" (lora_edu.nf4_bitexact.CUDA_NF4_THRESHOLDS) and sends NaN to level 0.
     code = _nf4_code()
-    midpoints = _cuda_nf4_thresholds() if kernel == "cuda" else (code[:-1] + code[1:]) / 2
+    midpoints = cuda_nf4_thresholds() if kernel == "cuda" else (code[:-1] + code[1:]) / 2
     scaled = scaled.reshape(-1)[: n + n % 2]  # an odd count: one more value, from the zero padding
     indices = torch.bucketize(scaled, midpoints.to(w.device), out_int32=True)
     if kernel == "cuda":
@@ -494,43 +230,13 @@ def quantize_nf4(
     )
 
 
-def _check_state(packed, state) -> None:
-    if not isinstance(state, NF4State):
-        raise TypeError(f"state must be an NF4State (from quantize_nf4), got {type(state).__name__}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        got = getattr(packed, "dtype", type(packed).__name__)
-        raise TypeError(f"packed must be a uint8 tensor (from quantize_nf4), got {got}")
-    _check_blocksize(state.blocksize, "state.blocksize")
-    expected = -(-state.numel // 2)
-    if packed.numel() != expected:
-        raise ValueError(
-            f"packed has {packed.numel()} bytes, but state describes shape {tuple(state.shape)} "
-            f"({state.numel} values), which packs into {expected}: they do not belong together"
-        )
-    if state.double_quant:
-        if state.absmax_codes.numel() != state.n_blocks:
-            raise ValueError(
-                f"state.absmax_codes has {state.absmax_codes.numel()} codes, but shape {tuple(state.shape)} "
-                f"in blocks of {state.blocksize} has {state.n_blocks} blocks"
-            )
-        n_scales = -(-state.n_blocks // state.dq_blocksize)
-        if state.absmax_scales is None or state.absmax_scales.numel() != n_scales or state.absmax_offset is None:
-            raise ValueError(f"a double-quantized state needs {n_scales} absmax_scales and an absmax_offset")
-    elif state.absmax is None or state.absmax.numel() != state.n_blocks:
-        got = "none" if state.absmax is None else state.absmax.numel()
-        raise ValueError(
-            f"state.absmax has {got} values, but shape {tuple(state.shape)} "
-            f"in blocks of {state.blocksize} has {state.n_blocks} blocks"
-        )
-
-
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight back from :func:`quantize_nf4`, in its shape and dtype (or ``dtype``).
 
     Each value is ``nf4_code()[index] * absmax`` of its block, computed in float32 and then
     rounded once to the output dtype. Equals ``bitsandbytes.functional.dequantize_4bit``
     on the CPU (which returns a 1-D weight of even length as shape (1, n)), except where
-    its AVX-512 kernel is wrong (see the module docstring).
+    its AVX-512 kernel is wrong (see :mod:`lora_edu.nf4_bitexact`).
     """
     _check_state(packed, state)
     n = state.numel
@@ -540,6 +246,87 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     absmax = state.block_absmax().to(packed.device).float()
     weight = (_blocks(values, state.blocksize) * absmax[:, None]).reshape(-1)[:n]
     return weight.to(dtype or state.dtype).reshape(state.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Double quantization: the absmaxes in 8 bits, with the dynamic map
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _dynamic_map() -> torch.Tensor:
+    levels = [torch.tensor([0.0, 1.0])]
+    for i in range(7):  # decimal exponents 10^-6 ... 10^0, with 1, 2, 4, ... 64 fractions each
+        edges = torch.linspace(0.1, 1, 2**i + 1)
+        fractions = (edges[:-1] + edges[1:]) / 2
+        levels += [10 ** (i - 6) * fractions, -(10 ** (i - 6)) * fractions]
+    return torch.cat(levels).sort().values
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map: 256 sorted float32 levels in [-0.993, 1].
+
+    Dettmers (2016): after the sign, a decimal exponent 10^-6 ... 10^0 and a linear
+    fraction in (0.1, 1); the larger the exponent, the more fractions it gets (1 for 10^-6,
+    64 for 10^0). So the levels are dense near 0 and relative error stays small across six
+    orders of magnitude. Equals ``bitsandbytes.functional.create_dynamic_map(signed=True)``.
+    """
+    return _dynamic_map().clone()
+
+
+def quantize_8bit_blockwise(
+    x: torch.Tensor, blocksize: int = DQ_BLOCKSIZE, kernel: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes (uint8, shaped like ``x``) and one float32 absmax per block, as bitsandbytes.
+
+    Equals ``bitsandbytes.functional.quantize_blockwise(x, blocksize=blocksize)`` for float32
+    ``x``, on the CPU (``kernel="cpu"``) or on a CUDA GPU (``kernel="cuda"``; the default is
+    the one for ``x``'s device). The two kernels round differently:
+
+    * CPU: each block is multiplied by ``1 / absmax``; each scaled value s is rounded to the
+      grid point ``j = floor((s + 1) * 32767.5 + 0.5)`` (float32 arithmetic) and stored as
+      the dynamic-map level nearest that grid point. Near zero that is not always the
+      nearest level, because the levels there are closer together than the grid (spacing
+      3.1e-5): an exact 0 becomes level 131 (2.1e-5), not 127 (0.0). An all-zero block
+      (0 * inf = NaN) is stored as level 0; infinities from a denormal absmax as 0 or 255.
+    * CUDA: each block is multiplied by the GPU's approximate ``1 / absmax``
+      (:func:`~lora_edu.nf4_bitexact.cuda_reciprocal`) and each value goes to the nearer of
+      the two levels a binary search of the map ends between: the nearest level, NaN to level 0.
+
+    Both roundings are written out in :mod:`lora_edu.nf4_bitexact`.
+    """
+    flat = check_weight(x, "x")
+    blocksize = check_int(blocksize, "blocksize")
+    kernel = check_rounding(kernel, flat.device)
+    blocks = _blocks(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    if kernel == "cuda":
+        scaled = blocks * cuda_reciprocal(absmax)[:, None]
+        codes = binary_search_8bit(scaled, _dynamic_map().to(x.device))
+    else:
+        scaled = blocks * (1.0 / absmax)[:, None]  # the reciprocal, as the kernel: x / absmax differs in the last bit
+        codes = grid_lookup_8bit(scaled, _dynamic_map().to(x.device))
+    return codes.reshape(-1)[: flat.numel()].reshape(x.shape), absmax
+
+
+def dequantize_8bit_blockwise(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = DQ_BLOCKSIZE) -> torch.Tensor:
+    """float32 values ``dynamic_map()[code] * absmax`` of their block, shaped like ``codes``."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    blocksize = check_int(blocksize, "blocksize")
+    n_blocks = -(-codes.numel() // blocksize)
+    if absmax.numel() != n_blocks:
+        raise ValueError(
+            f"absmax has {absmax.numel()} values, but {codes.numel()} codes in blocks of {blocksize} need {n_blocks}"
+        )
+    levels = _dynamic_map().to(codes.device)[codes.reshape(-1).long()]
+    values = _blocks(levels, blocksize) * absmax.float().reshape(-1, 1)
+    return values.reshape(-1)[: codes.numel()].reshape(codes.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# The fast dequantize path, for NF4Linear
+# ----------------------------------------------------------------------------------------
 
 
 @functools.cache
@@ -590,14 +377,19 @@ def dequantize_nf4_fast(packed: torch.Tensor, state: NF4State, dtype: torch.dtyp
     return out[:n].view(state.shape)
 
 
+# ----------------------------------------------------------------------------------------
+# Storage
+# ----------------------------------------------------------------------------------------
+
+
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = False, dq_blocksize: int = DQ_BLOCKSIZE) -> float:
     """Storage per weight in bits: 4 for the index plus the block's share of its absmax.
 
     4 + 32/64 = 4.5 without double quantization; 4 + 8/64 + 32/(64*256) = 4.127 with it
     (the one float32 offset per tensor is left out).
     """
-    blocksize = _check_positive_int(blocksize, "blocksize")
-    dq_blocksize = _check_positive_int(dq_blocksize, "dq_blocksize")
+    blocksize = check_int(blocksize, "blocksize")
+    dq_blocksize = check_int(dq_blocksize, "dq_blocksize")
     if double_quant:
         return 4 + 8 / blocksize + 32 / (blocksize * dq_blocksize)
     return 4 + 32 / blocksize
@@ -616,8 +408,8 @@ def quantize_int4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, t
     unused); NF4 instead spaces its 16 levels like a normal distribution's quantiles.
     An all-zero block stores absmax 0 and codes 0. Rounds half to even.
     """
-    flat = _check_weight(w)
-    blocksize = _check_blocksize(blocksize)
+    flat = check_weight(w)
+    blocksize = check_blocksize(blocksize)
     blocks = _blocks(flat, blocksize)
     absmax = blocks.abs().amax(dim=1)
     scale = torch.where(absmax > 0, 7 / absmax, torch.zeros_like(absmax))
@@ -632,7 +424,7 @@ def dequantize_int4(
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8:
         got = getattr(codes, "dtype", type(codes).__name__)
         raise TypeError(f"codes must be an int8 tensor (from quantize_int4), got {got}")
-    blocksize = _check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
     n_blocks = -(-codes.numel() // blocksize)
     if not isinstance(absmax, torch.Tensor) or absmax.numel() != n_blocks:
         got = absmax.numel() if isinstance(absmax, torch.Tensor) else type(absmax).__name__
@@ -650,13 +442,6 @@ def int4_roundtrip(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # A frozen 4-bit linear layer
 # ----------------------------------------------------------------------------------------
-
-
-def check_compute_dtype(compute_dtype) -> torch.dtype:
-    """The precision a 4-bit layer computes in must be a floating-point dtype."""
-    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
-        raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
-    return compute_dtype
 
 
 class _MatmulNF4(torch.autograd.Function):
@@ -739,3 +524,75 @@ class NF4Linear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, blocksize={self.blocksize}, "
             f"double_quant={self.absmax_codes is not None}, compute_dtype={self.compute_dtype}"
         )
+
+
+# ----------------------------------------------------------------------------------------
+# Checks, shared with lora_edu.qlora, and the block layout
+# ----------------------------------------------------------------------------------------
+
+
+def check_weight(w, name: str = "w") -> torch.Tensor:
+    """``w`` flattened to float32, after checking it is a non-empty, finite float tensor."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must hold floating-point numbers, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(w.shape)}")
+    flat = w.detach().reshape(-1).float()
+    bad = (~torch.isfinite(flat)).sum().item()
+    if bad:
+        # One NaN or inf would poison its block's absmax and with it every value in the block.
+        raise ValueError(f"{name} has {bad} NaN or infinite value(s) (in float32); a quantizer cannot store them")
+    return flat
+
+
+def check_blocksize(blocksize, name: str = "blocksize") -> int:
+    """``blocksize``, if it is one bitsandbytes accepts: a power of two from 32 to 4096."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+        raise ValueError(f"{name} must be a power of two from 32 to 4096 (as in bitsandbytes), got {blocksize!r}")
+    return blocksize
+
+
+def check_compute_dtype(compute_dtype) -> torch.dtype:
+    """The precision a 4-bit layer computes in must be a floating-point dtype."""
+    if not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
+        raise TypeError(f"compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
+    return compute_dtype
+
+
+def _check_state(packed, state) -> None:
+    """Refuse a ``packed`` and ``state`` that did not come from one :func:`quantize_nf4` call."""
+    if not isinstance(state, NF4State):
+        raise TypeError(f"state must be an NF4State (from quantize_nf4), got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = getattr(packed, "dtype", type(packed).__name__)
+        raise TypeError(f"packed must be a uint8 tensor (from quantize_nf4), got {got}")
+    check_blocksize(state.blocksize, "state.blocksize")
+    expected = -(-state.numel // 2)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes, but state describes shape {tuple(state.shape)} "
+            f"({state.numel} values), which packs into {expected}: they do not belong together"
+        )
+    if state.double_quant:
+        if state.absmax_codes.numel() != state.n_blocks:
+            raise ValueError(
+                f"state.absmax_codes has {state.absmax_codes.numel()} codes, but shape {tuple(state.shape)} "
+                f"in blocks of {state.blocksize} has {state.n_blocks} blocks"
+            )
+        n_scales = -(-state.n_blocks // state.dq_blocksize)
+        if state.absmax_scales is None or state.absmax_scales.numel() != n_scales or state.absmax_offset is None:
+            raise ValueError(f"a double-quantized state needs {n_scales} absmax_scales and an absmax_offset")
+    elif state.absmax is None or state.absmax.numel() != state.n_blocks:
+        got = "none" if state.absmax is None else state.absmax.numel()
+        raise ValueError(
+            f"state.absmax has {got} values, but shape {tuple(state.shape)} "
+            f"in blocks of {state.blocksize} has {state.n_blocks} blocks"
+        )
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``flat`` zero-padded to whole blocks, one block per row (the padding never sets an absmax)."""
+    n_blocks = -(-flat.numel() // blocksize)
+    return F.pad(flat, (0, n_blocks * blocksize - flat.numel())).view(n_blocks, blocksize)

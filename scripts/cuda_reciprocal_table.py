@@ -3,10 +3,10 @@
 bitsandbytes compiles its kernels with ``--use_fast_math``, so ``1.0f / absmax`` in its
 quantize kernel is the hardware's approximate reciprocal (``rcp.approx.ftz.f32``), at most
 one unit in the last place (ulp) from the exact one. To reproduce the kernel bit for bit,
-``lora_edu.nf4.cuda_reciprocal`` needs to know where it is off. The error depends only on
-the 23 mantissa bits, so this script computes the reciprocal of every float in [1, 2) on
-the GPU (2**23 of them), compares each with the exact one, and stores which mantissas are
-one ulp up or down, bit-packed, in ``lora_edu/data/cuda_reciprocal.npz``.
+``lora_edu.nf4_bitexact.cuda_reciprocal`` needs to know where it is off. The error depends
+only on the 23 mantissa bits, so this script computes the reciprocal of every float in
+[1, 2) on the GPU (2**23 of them), compares each with the exact one, and stores which
+mantissas are one ulp up or down, bit-packed, in ``lora_edu/data/cuda_reciprocal.npz``.
 
     python scripts/cuda_reciprocal_table.py [--out PATH]   on a CUDA GPU, with CuPy
     python scripts/cuda_reciprocal_table.py --self-test    anywhere: the packing round trip
@@ -26,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from lora_edu.nf4 import unpack_reciprocal_table  # noqa: E402  the package reads what this script writes
+from lora_edu.nf4_bitexact import unpack_reciprocal_table  # noqa: E402  the package reads what this script writes
 
 DEFAULT_OUT = ROOT / "lora_edu" / "data" / "cuda_reciprocal.npz"
 N = 2**23

@@ -1,4 +1,9 @@
-"""lora_edu.nf4: NF4 equal bit for bit to bitsandbytes on the CPU, and what chapter 4 claims about it."""
+"""lora_edu.nf4: NF4 equal bit for bit to bitsandbytes on the CPU, and what chapter 4 claims about it.
+
+A test that compares with bitsandbytes asks for the ``bnb`` fixture (or one built on it)
+and skips without bitsandbytes; the rest run anywhere. The pieces of each kernel's
+rounding are tested on their own in tests/test_nf4_bitexact.py.
+"""
 
 import math
 
@@ -27,59 +32,86 @@ from lora_edu.nf4 import (
     quantize_nf4,
 )
 
-bnb = pytest.importorskip("bitsandbytes.functional")
-bnb_default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
-
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
-@pytest.fixture(autouse=True)
-def _bnb_without_torch_compile(monkeypatch):
-    # bitsandbytes falls back to a torch.compile'd pure-PyTorch dequantize for odd shapes and
-    # large blocks; run the same function eagerly, so the tests do not wait for compilation.
-    compiled = bnb_default_ops._dequantize_4bit_compute
-    monkeypatch.setattr(bnb_default_ops, "_dequantize_4bit_compute", getattr(compiled, "__wrapped__", compiled))
 
 
 def weight(shape, dtype=torch.float32, seed=0, scale=0.02):
     return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
 
 
-def bnb_dequantize_reference(packed, bnb_state):
+@pytest.fixture
+def bnb_default_ops(monkeypatch):
+    """bitsandbytes' pure-PyTorch backend (the test skips without bitsandbytes), run eagerly."""
+    default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
+    # bitsandbytes falls back to a torch.compile'd pure-PyTorch dequantize for odd shapes and
+    # large blocks; run the same function eagerly, so the tests do not wait for compilation.
+    compiled = default_ops._dequantize_4bit_compute
+    monkeypatch.setattr(default_ops, "_dequantize_4bit_compute", getattr(compiled, "__wrapped__", compiled))
+    return default_ops
+
+
+@pytest.fixture
+def bnb(bnb_default_ops):
+    """``bitsandbytes.functional``; the test skips without bitsandbytes."""
+    return pytest.importorskip("bitsandbytes.functional")
+
+
+@pytest.fixture
+def bnb_dequantize_reference(bnb, bnb_default_ops):
     """bitsandbytes' own pure-PyTorch dequantize (its default backend), whatever the shape."""
-    absmax = bnb_state.absmax
-    if bnb_state.nested:
-        absmax = bnb.dequantize_blockwise(bnb_state.absmax, bnb_state.state2) + bnb_state.offset
-    code = bnb.get_4bit_type("nf4", device="cpu")
-    return bnb_default_ops._dequantize_4bit_compute(
-        packed.reshape(-1), absmax, code, bnb_state.blocksize, bnb_state.shape, bnb_state.dtype
-    )
+
+    def dequantize(packed, bnb_state):
+        absmax = bnb_state.absmax
+        if bnb_state.nested:
+            absmax = bnb.dequantize_blockwise(bnb_state.absmax, bnb_state.state2) + bnb_state.offset
+        code = bnb.get_4bit_type("nf4", device="cpu")
+        return bnb_default_ops._dequantize_4bit_compute(
+            packed.reshape(-1), absmax, code, bnb_state.blocksize, bnb_state.shape, bnb_state.dtype
+        )
+
+    return dequantize
 
 
-def assert_same_as_bnb(w, blocksize, double_quant):
-    packed, state = quantize_nf4(w, blocksize, double_quant)
-    bnb_packed, bnb_state = bnb.quantize_4bit(
-        w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
-    )
-    assert packed.shape == bnb_packed.shape and packed.dtype == bnb_packed.dtype == torch.uint8
-    assert torch.equal(packed, bnb_packed)
-    if double_quant:
-        assert state.absmax is None
-        assert torch.equal(state.absmax_codes, bnb_state.absmax)
-        assert torch.equal(state.absmax_scales, bnb_state.state2.absmax)
-        assert torch.equal(state.absmax_offset, bnb_state.offset)
-        assert torch.equal(state.dq_code, bnb_state.state2.code)
-    else:
-        assert torch.equal(state.absmax, bnb_state.absmax)
-    ours = dequantize_nf4(packed, state)
-    assert ours.shape == w.shape and ours.dtype == w.dtype
-    assert torch.equal(ours, bnb_dequantize_reference(bnb_packed, bnb_state).reshape(w.shape))
-    # bitsandbytes' AVX-512 CPU dequantize kernel misplaces block boundaries when a row's
-    # length is not a multiple of the blocksize (see lora_edu.nf4); compare with it elsewhere.
-    if w.dim() == 1 or w.shape[-1] % blocksize == 0:
-        assert torch.equal(ours, bnb.dequantize_4bit(bnb_packed, bnb_state).reshape(w.shape))
-    return packed, state
+@pytest.fixture
+def assert_same_as_bnb(bnb, bnb_dequantize_reference):
+    """``quantize_nf4(w, blocksize, double_quant)``, after checking its bytes and values equal bitsandbytes'."""
+
+    def quantize(w, blocksize, double_quant):
+        packed, state = quantize_nf4(w, blocksize, double_quant)
+        bnb_packed, bnb_state = bnb.quantize_4bit(
+            w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant
+        )
+        assert packed.shape == bnb_packed.shape and packed.dtype == bnb_packed.dtype == torch.uint8
+        assert torch.equal(packed, bnb_packed)
+        if double_quant:
+            assert state.absmax is None
+            assert torch.equal(state.absmax_codes, bnb_state.absmax)
+            assert torch.equal(state.absmax_scales, bnb_state.state2.absmax)
+            assert torch.equal(state.absmax_offset, bnb_state.offset)
+            assert torch.equal(state.dq_code, bnb_state.state2.code)
+        else:
+            assert torch.equal(state.absmax, bnb_state.absmax)
+        ours = dequantize_nf4(packed, state)
+        assert ours.shape == w.shape and ours.dtype == w.dtype
+        assert torch.equal(ours, bnb_dequantize_reference(bnb_packed, bnb_state).reshape(w.shape))
+        # bitsandbytes' AVX-512 CPU dequantize kernel misplaces block boundaries when a row's length
+        # is not a multiple of the blocksize (see lora_edu.nf4_bitexact); compare with it elsewhere.
+        if w.dim() == 1 or w.shape[-1] % blocksize == 0:
+            assert torch.equal(ours, bnb.dequantize_4bit(bnb_packed, bnb_state).reshape(w.shape))
+        return packed, state
+
+    return quantize
+
+
+@pytest.fixture(params=["ours", "bitsandbytes"])
+def quantize(request):
+    """``quantize_nf4(w, blocksize, double_quant)``: on its own, then once more checked against bitsandbytes.
+
+    A test of an edge case asks for it, so that what it shows about ours holds without
+    bitsandbytes too; only the second run skips without it.
+    """
+    return quantize_nf4 if request.param == "ours" else request.getfixturevalue("assert_same_as_bnb")
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,13 +119,16 @@ def assert_same_as_bnb(w, blocksize, double_quant):
 # ---------------------------------------------------------------------------------------
 
 
-def test_nf4_code_equals_the_table_bitsandbytes_hard_codes():
+def test_nf4_code_is_16_sorted_levels_with_an_exact_zero():
     code = nf4_code()
     assert code.dtype == torch.float32 and code.shape == (16,)
-    assert torch.equal(code, bnb.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(code, code.sort().values)
     assert code[0] == -1 and code[7] == 0 and code[15] == 1
     assert (code > 0).sum() == 8 and (code < 0).sum() == 7  # asymmetric, so that 0 is a level
+
+
+def test_nf4_code_equals_the_table_bitsandbytes_hard_codes(bnb):
+    assert torch.equal(nf4_code(), bnb.get_4bit_type("nf4", device="cpu"))
 
 
 def test_nf4_levels_are_normal_quantiles_in_float64_not_float32():
@@ -115,16 +150,22 @@ def test_nf4_levels_cut_a_normal_into_equal_slices_of_probability():
     assert torch.allclose(gaps, gaps.mean().expand_as(gaps), rtol=1e-5)
 
 
-def test_fp4_code_equals_bitsandbytes():
-    assert torch.equal(fp4_code(), bnb.get_4bit_type("fp4", device="cpu"))
+def test_fp4_code_has_eight_magnitudes_with_both_signs():
     magnitudes = torch.tensor([0, 0.0625, 2, 3, 4, 6, 8, 12]) / 12
     assert torch.equal(fp4_code().abs().unique(), magnitudes)
 
 
-def test_dynamic_map_equals_bitsandbytes():
+def test_fp4_code_equals_bitsandbytes(bnb):
+    assert torch.equal(fp4_code(), bnb.get_4bit_type("fp4", device="cpu"))
+
+
+def test_dynamic_map_has_256_distinct_levels_up_to_1():
     code = dynamic_map()
-    assert torch.equal(code, bnb.create_dynamic_map(signed=True))
     assert code.shape == (256,) and code.unique().numel() == 256 and code[-1] == 1
+
+
+def test_dynamic_map_equals_bitsandbytes(bnb):
+    assert torch.equal(dynamic_map(), bnb.create_dynamic_map(signed=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,7 +178,7 @@ SHAPES = [(1,), (2,), (63,), (64,), (1001,), (4097,), (3, 5), (17, 33), (8, 96),
 @pytest.mark.parametrize("double_quant", [False, True], ids=["absmax", "double_quant"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_quantize_and_dequantize_equal_bitsandbytes(shape, dtype, double_quant):
+def test_quantize_and_dequantize_equal_bitsandbytes(shape, dtype, double_quant, assert_same_as_bnb):
     w = weight(shape, dtype, seed=len(shape) * 10_000 + shape[-1])
     for blocksize in BLOCKSIZES:
         assert_same_as_bnb(w, blocksize, double_quant)
@@ -154,13 +195,14 @@ def test_quantize_and_dequantize_equal_bitsandbytes(shape, dtype, double_quant):
     seed=st.integers(0, 2**31 - 1),
     one_d=st.booleans(),
 )
-def test_any_weight_equals_bitsandbytes(rows, cols, blocksize, dtype, double_quant, log_scale, seed, one_d):
+def test_any_weight_equals_bitsandbytes(assert_same_as_bnb, rows, cols, blocksize, dtype, double_quant, log_scale,
+                                       seed, one_d):
     w = weight((rows * cols,) if one_d else (rows, cols), dtype, seed, scale=10.0**log_scale)
     if torch.isfinite(w).all():  # float16 overflows for the largest scales
         assert_same_as_bnb(w, blocksize, double_quant)
 
 
-def test_heavy_tailed_and_outlier_weights_equal_bitsandbytes():
+def test_heavy_tailed_and_outlier_weights_equal_bitsandbytes(assert_same_as_bnb):
     g = torch.Generator().manual_seed(3)
     w = torch.distributions.StudentT(2.0).sample((70_000,)) * 0.01
     w[torch.randint(0, 70_000, (20,), generator=g)] *= 1000  # outliers wreck their own block only
@@ -169,19 +211,25 @@ def test_heavy_tailed_and_outlier_weights_equal_bitsandbytes():
             assert_same_as_bnb(w, blocksize, double_quant)
 
 
+# ---------------------------------------------------------------------------------------
+# At the edges, where bitsandbytes rounds as a textbook would not (see lora_edu.nf4_bitexact):
+# each test runs on ours alone, then once more against bitsandbytes
+# ---------------------------------------------------------------------------------------
+
+
 def midpoints():
     code = nf4_code()
     return (code[:-1] + code[1:]) / 2
 
 
-def test_a_value_exactly_on_a_midpoint_takes_the_lower_level():
+def test_a_value_exactly_on_a_midpoint_takes_the_lower_level(quantize):
     # absmax = 1 exactly, so scaling leaves each value on its float32 midpoint, in a full
     # block (multiplied by 1 / 1) and in a partial last block (divided by 1).
     mids = midpoints()
     above, below = torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))
     full = torch.cat([torch.ones(1), mids, above, below, torch.zeros(18)])
     w = torch.cat([full, torch.ones(1), mids])  # 64 + 16 values
-    packed, _ = assert_same_as_bnb(w, 64, False)
+    packed, _ = quantize(w, 64, False)
     indices = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], 1).flatten().long()
     k = torch.arange(15)
     assert torch.equal(indices[1:16], k)  # on the midpoint: the lower level
@@ -202,7 +250,7 @@ def straddling_values(rule_a, rule_b, seed=0, tries=20_000):
     return absmax[a != b], x[a != b]
 
 
-def test_full_blocks_multiply_by_the_reciprocal_and_the_last_partial_block_divides():
+def test_full_blocks_multiply_by_the_reciprocal_and_the_last_partial_block_divides(quantize):
     def multiply(x, a):
         return x * (1 / a)
 
@@ -216,45 +264,44 @@ def test_full_blocks_multiply_by_the_reciprocal_and_the_last_partial_block_divid
     # 2-value partial last block of its own tensor.
     full = torch.zeros(8, 32)
     full[:, 0], full[:, 1] = absmax, x
-    packed, state = assert_same_as_bnb(full.flatten(), 32, False)
+    packed, state = quantize(full.flatten(), 32, False)
     second = (packed.flatten()[::16] & 15).long()  # the low nibble of each block's first byte: x's index
     assert torch.equal(second, torch.bucketize(multiply(x, absmax), midpoints()))
     assert not torch.equal(second, torch.bucketize(divide(x, absmax), midpoints()))
     for a, value in zip(absmax, x):
         tail = torch.cat([torch.zeros(32), torch.stack([a, value])])  # 34 values: blocks of 32 and 2
-        packed, _ = assert_same_as_bnb(tail, 32, False)
+        packed, _ = quantize(tail, 32, False)
         assert (packed.flatten()[-1] & 15) == torch.bucketize(divide(value, a), midpoints())
 
 
-def test_all_zero_blocks_store_the_zero_level_and_bitsandbytes_absmax():
+def test_all_zero_blocks_store_the_zero_level_and_bitsandbytes_absmax(quantize):
     w = torch.zeros(64 + 10)
-    packed, state = assert_same_as_bnb(w, 64, False)
+    packed, state = quantize(w, 64, False)
     assert torch.all(packed == 0x77)  # index 7 (0.0) in both nibbles
     assert state.absmax[0] == 0  # a full zero block keeps absmax 0...
     assert state.absmax[1] == torch.tensor(1e-38)  # ...a partial one keeps the clamp, 1e-38
     assert torch.equal(dequantize_nf4(packed, state), w)
     for w in (torch.zeros(300), torch.cat([torch.zeros(64), weight(64)])):
-        packed, state = assert_same_as_bnb(w, 64, True)
+        packed, state = quantize(w, 64, True)
         assert torch.equal(dequantize_nf4(packed, state)[:64], torch.zeros(64))
 
 
-def test_constant_weight_double_quantizes_to_its_mean():
+def test_constant_weight_double_quantizes_to_its_mean(quantize):
     # Every absmax equals their mean, so the centred absmaxes are a block of zeros (0 * inf = NaN
     # in bitsandbytes' 8-bit kernel, stored as level 0) and the offset carries the scale alone.
     w = torch.full((256,), 0.5)
-    packed, state = assert_same_as_bnb(w, 64, True)
+    packed, state = quantize(w, 64, True)
     assert torch.all(state.absmax_codes == 0) and state.absmax_scales.item() == 0
     assert torch.equal(dequantize_nf4(packed, state), w)
 
 
-def test_nibble_order_first_value_in_the_high_nibble():
+def test_nibble_order_first_value_in_the_high_nibble(quantize):
     w = torch.tensor([1.0, -1.0, 0.0])  # indices 15, 0, 7, then a padding 7
-    packed, state = quantize_nf4(w, 32)
+    packed, state = quantize(w, 32, False)
     assert packed.tolist() == [[0xF0], [0x77]]
     assert torch.equal(dequantize_nf4(packed, state), w)
-    packed, _ = quantize_nf4(torch.tensor([-0.5, 1.0]), 32)
+    packed, _ = quantize(torch.tensor([-0.5, 1.0]), 32, False)
     assert packed.tolist() == [[(2 << 4) | 15]]  # -0.5 is nearest level 2, -0.525
-    assert torch.equal(packed, bnb.quantize_4bit(torch.tensor([-0.5, 1.0]), blocksize=32, quant_type="nf4")[0])
 
 
 def test_dequantize_can_round_once_to_another_dtype():
@@ -262,6 +309,86 @@ def test_dequantize_can_round_once_to_another_dtype():
     packed, state = quantize_nf4(w)
     out = dequantize_nf4(packed, state, dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, dequantize_nf4(packed, state).to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------------------
+# Double quantization's 8-bit kernel
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def bnb_8bit(bnb):
+    """bitsandbytes' 8-bit blockwise quantize: (codes, absmax)."""
+
+    def quantize(x, blocksize=256):
+        codes, state = bnb.quantize_blockwise(x, blocksize=blocksize)
+        return codes, state.absmax
+
+    return quantize
+
+
+@pytest.fixture(params=["ours", "bitsandbytes"])
+def quantize_8bit(request):
+    """``quantize_8bit_blockwise(x)``: on its own, then once more checked against bitsandbytes."""
+    if request.param == "ours":
+        return quantize_8bit_blockwise
+    bnb_8bit = request.getfixturevalue("bnb_8bit")
+
+    def checked(x):
+        codes, absmax = quantize_8bit_blockwise(x)
+        bnb_codes, bnb_absmax = bnb_8bit(x)
+        assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax)
+        return codes, absmax
+
+    return checked
+
+
+def test_8bit_blockwise_equals_bitsandbytes_on_random_values(bnb, bnb_8bit):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256 * 50 + 77, generator=g) * torch.rand(256 * 50 + 77, generator=g) ** 4
+    for blocksize in (64, 256, 4096):
+        codes, absmax = quantize_8bit_blockwise(x, blocksize)
+        bnb_codes, bnb_absmax = bnb_8bit(x, blocksize)
+        assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax)
+        bnb_values = bnb.dequantize_blockwise(bnb_codes, absmax=bnb_absmax, blocksize=blocksize)
+        assert torch.equal(dequantize_8bit_blockwise(codes, absmax, blocksize), bnb_values)
+
+
+def test_8bit_kernel_rounds_to_a_grid_of_65536_points_first(quantize_8bit):
+    # Not the nearest level near 0: an exact 0 is stored as level 131 (2.1e-5), not 127 (0.0).
+    code = dynamic_map()
+    x = torch.tensor([1.0, 0.0, 1e-6, -1e-6, 3e-6])
+    codes, _ = quantize_8bit(x)
+    assert codes[1] == 131 and code[127] == 0
+    nearest = (x[:, None] - code).abs().argmin(1)
+    assert not torch.equal(codes.long(), nearest)
+
+
+def test_8bit_kernel_multiplies_by_the_reciprocal_at_grid_boundaries(quantize_8bit):
+    # Values placed a few floats around the edges between grid points, in blocks of varied absmax:
+    # dividing instead of multiplying by 1 / absmax would move some of them to the next level.
+    g = torch.Generator().manual_seed(2)
+    n_blocks = 400
+    absmax = torch.rand(n_blocks, generator=g) * 5 + 0.01
+    j = torch.randint(1, 65536, (n_blocks, 255), generator=g)
+    edges = ((j + (j == 32768)).float() - 0.5) / 32767.5 - 1  # (the edge at 0 has no bit pattern to nudge)
+    nudge = torch.randint(-3, 4, (n_blocks, 255), generator=g, dtype=torch.int32)  # a few floats either way
+    x = (edges * absmax[:, None]).view(torch.int32) + nudge
+    x = torch.cat([absmax[:, None], x.view(torch.float32).clamp(-absmax[:, None], absmax[:, None])], dim=1).flatten()
+    codes, scales = quantize_8bit(x)
+    assert torch.equal(scales, absmax)
+    divided = (x.view(n_blocks, 256) / absmax[:, None]).clamp(-1, 1)  # the same kernel, dividing
+    grid = torch.floor((divided + 1) * 32767.5 + 0.5).long()
+    lookup = torch.bucketize(torch.arange(65536, dtype=torch.float64) / 32767.5 - 1,
+                             (dynamic_map().double()[:-1] + dynamic_map().double()[1:]) / 2)
+    assert (lookup[grid].flatten() != codes.long()).any()
+
+
+def test_8bit_kernel_edge_cases_equal_bitsandbytes(bnb_8bit):
+    for x in (torch.zeros(3), torch.tensor([1e-39, -1e-39, 0.0, 5e-40]), torch.tensor([3e-39, -3e-39, 0.0, 1e-39])):
+        codes, absmax = quantize_8bit_blockwise(x)
+        bnb_codes, bnb_absmax = bnb_8bit(x)
+        assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax), x
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +416,7 @@ def test_fast_dequantize_equals_the_teaching_version(shape, double_quant, chunk_
                 assert torch.equal(fast, teaching), (dtype, blocksize, out_dtype)
 
 
-def test_fast_dequantize_equals_bitsandbytes_across_chunks():
+def test_fast_dequantize_equals_bitsandbytes_across_chunks(bnb, bnb_dequantize_reference):
     w = weight((600, 1000))  # 600,000 values: three chunks of 2^18, the last one partial
     for blocksize in (64, 4096):
         packed, state = quantize_nf4(w, blocksize, True)
@@ -321,65 +448,6 @@ def test_nf4_linear_uses_the_fast_path(monkeypatch):
 def test_fast_dequantize_property(numel, blocksize, double_quant, seed):
     packed, state = quantize_nf4(weight((numel,), seed=seed), blocksize, double_quant)
     assert torch.equal(dequantize_nf4_fast(packed, state), dequantize_nf4(packed, state))
-
-
-# ---------------------------------------------------------------------------------------
-# Double quantization's 8-bit kernel
-# ---------------------------------------------------------------------------------------
-
-
-def bnb_8bit(x, blocksize=256):
-    codes, state = bnb.quantize_blockwise(x, blocksize=blocksize)
-    return codes, state.absmax
-
-
-def test_8bit_blockwise_equals_bitsandbytes_on_random_values():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(256 * 50 + 77, generator=g) * torch.rand(256 * 50 + 77, generator=g) ** 4
-    for blocksize in (64, 256, 4096):
-        codes, absmax = quantize_8bit_blockwise(x, blocksize)
-        bnb_codes, bnb_absmax = bnb_8bit(x, blocksize)
-        assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax)
-        bnb_values = bnb.dequantize_blockwise(bnb_codes, absmax=bnb_absmax, blocksize=blocksize)
-        assert torch.equal(dequantize_8bit_blockwise(codes, absmax, blocksize), bnb_values)
-
-
-def test_8bit_kernel_rounds_to_a_grid_of_65536_points_first():
-    # Not the nearest level near 0: an exact 0 is stored as level 131 (2.1e-5), not 127 (0.0).
-    code = dynamic_map()
-    x = torch.tensor([1.0, 0.0, 1e-6, -1e-6, 3e-6])
-    codes, _ = quantize_8bit_blockwise(x)
-    assert torch.equal(codes, bnb_8bit(x)[0])
-    assert codes[1] == 131 and code[127] == 0
-    nearest = (x[:, None] - code).abs().argmin(1)
-    assert not torch.equal(codes.long(), nearest)
-
-
-def test_8bit_kernel_multiplies_by_the_reciprocal_at_grid_boundaries():
-    # Values placed a few floats around the edges between grid points, in blocks of varied absmax:
-    # dividing instead of multiplying by 1 / absmax would move some of them to the next level.
-    g = torch.Generator().manual_seed(2)
-    n_blocks = 400
-    absmax = torch.rand(n_blocks, generator=g) * 5 + 0.01
-    j = torch.randint(1, 65536, (n_blocks, 255), generator=g)
-    edges = ((j + (j == 32768)).float() - 0.5) / 32767.5 - 1  # (the edge at 0 has no bit pattern to nudge)
-    nudge = torch.randint(-3, 4, (n_blocks, 255), generator=g, dtype=torch.int32)  # a few floats either way
-    x = (edges * absmax[:, None]).view(torch.int32) + nudge
-    x = torch.cat([absmax[:, None], x.view(torch.float32).clamp(-absmax[:, None], absmax[:, None])], dim=1).flatten()
-    codes, scales = quantize_8bit_blockwise(x)
-    assert torch.equal(codes, bnb_8bit(x)[0]) and torch.equal(scales, absmax)
-    divided = (x.view(n_blocks, 256) / absmax[:, None]).clamp(-1, 1)  # the same kernel, dividing
-    grid = torch.floor((divided + 1) * 32767.5 + 0.5).long()
-    lookup = torch.bucketize(torch.arange(65536, dtype=torch.float64) / 32767.5 - 1,
-                             (dynamic_map().double()[:-1] + dynamic_map().double()[1:]) / 2)
-    assert (lookup[grid].flatten() != codes.long()).any()
-
-
-def test_8bit_kernel_edge_cases_equal_bitsandbytes():
-    for x in (torch.zeros(3), torch.tensor([1e-39, -1e-39, 0.0, 5e-40]), torch.tensor([3e-39, -3e-39, 0.0, 1e-39])):
-        codes, absmax = quantize_8bit_blockwise(x)
-        bnb_codes, bnb_absmax = bnb_8bit(x)
-        assert torch.equal(codes, bnb_codes) and torch.equal(absmax, bnb_absmax), x
 
 
 # ---------------------------------------------------------------------------------------
