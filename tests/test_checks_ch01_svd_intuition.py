@@ -167,5 +167,5 @@ def test_gain_kept_measures_the_truncated_update():
     assert math.isclose(kept[1], 1.0, abs_tol=1e-4) and math.isclose(kept[5], 1.0, abs_tol=1e-4)
     with pytest.raises(KeyError, match="does not have"):
         gain_kept({"no.such.weight": torch.zeros(2, 2)}, [1])
-    with pytest.raises(ValueError, match="ranks must be non-negative ints"):
+    with pytest.raises(ValueError, match="each of ranks must be a non-negative int"):
         gain_kept(delta, [-1])

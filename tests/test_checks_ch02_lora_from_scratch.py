@@ -98,7 +98,7 @@ WRONG_MERGES = {
     "subtracts": (lambda W0, A, B, alpha, r: W0 - alpha / r * B @ A, "merge subtracted the update"),
     "update only": (lambda W0, A, B, alpha, r: alpha / r * B @ A, "returned only the update"),
     "A @ B": (lambda W0, A, B, alpha, r: W0 + alpha / r * A @ B, r"B @ A \(not A @ B\)"),
-    "transposed": (lambda W0, A, B, alpha, r: (W0.T + alpha / r * A.T @ B.T), r"returned shape \(7, 5\) instead of \(5, 7\)"),
+    "transposed": (lambda W0, A, B, alpha, r: (W0.T + alpha / r * A.T @ B.T), r"should have shape \(5, 7\), but yours has \(7, 5\)"),
     "in place": (merge_in_place, r"merge changed its argument W0 in place.*W0 \+= "),
     "scales A in place": (merge_scaling_A_in_place, "merge changed its argument A in place .* leave A as it was"),
     "something else": (lambda W0, A, B, alpha, r: W0 + alpha / r * B @ A + 0.5, r"merge should return W0 \+ \(alpha / r\)"),

@@ -285,7 +285,7 @@ WRONG_STEPS = {
     "order swapped": (lambda *args: right_step(*args)[::-1], r"return them in the order \(a_new, b_new\)"),
     "b as a float": (lambda *args: (right_step(*args)[0], right_step(*args)[1].item()), "b_new should be a 0-d tensor like b, but it is a float"),
     "b of shape (1,)": (lambda *args: (right_step(*args)[0], right_step(*args)[1].reshape(1)), r"b_new should be a 0-d tensor like b, but it has shape \(1,\)"),
-    "a of the wrong shape": (lambda *args: (right_step(*args)[0][None], right_step(*args)[1]), r"a_new should have a's shape \(6,\)"),
+    "a of the wrong shape": (lambda *args: (right_step(*args)[0][None], right_step(*args)[1]), r"a_new, like a, should have shape \(6,\)"),
     "one tensor": (lambda *args: torch.cat([right_step(*args)[0], right_step(*args)[1][None]]), "should return a pair .* a Tensor"),
     "no return": (lambda *args: None, "return statement missing"),
     "stub": (stub, "still the stub"),

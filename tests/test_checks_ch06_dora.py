@@ -188,7 +188,7 @@ WRONG_SERVES = {
                           "every row used adapter 0"),
     "adapters shifted": (lambda x, W0, b0, A, B, g, s, i: right_serve(x, W0, b0, A, B, g, s, (i + 1) % len(s)),
                          "rows .* are wrong"),
-    "wrong shape": (lambda *args: right_serve(*args).sum(-1), "should return shape"),
+    "wrong shape": (lambda *args: right_serve(*args).sum(-1), "should have shape"),
 }
 
 

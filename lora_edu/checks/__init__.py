@@ -11,7 +11,7 @@ In Jupyter (IPython), a failed check shows its message alone: a traceback would 
 the checker's own lines, and with them the answer.
 """
 
-from lora_edu.checks._core import CheckFailed
+from lora_edu.checks.core import CheckFailed
 from lora_edu.checks.ch00_meet_the_model import (
     check_best_temperature,
     check_cross_entropy,
@@ -93,6 +93,7 @@ __all__ = [
     "check_dora_unmerge_conv1d",
     "check_factored_row_norms",
     "check_fine_tuning_bytes",
+    "check_ia3_merge",
     "check_inject_lora",
     "check_lloyd_max_levels",
     "check_lora_forward",
@@ -107,6 +108,7 @@ __all__ = [
     "check_pack_unpack",
     "check_parameter_count",
     "check_pool_bytes",
+    "check_prompt_tuned_logits",
     "check_quantize_and_count",
     "check_quantize_block",
     "check_ragged_delta",
@@ -117,4 +119,5 @@ __all__ = [
     "check_toy_best_pair",
     "check_training_step",
     "check_unpad_pool",
+    "check_vera_merge",
 ]

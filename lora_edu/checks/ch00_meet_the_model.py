@@ -9,8 +9,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.checks.core import (CheckFailed, as_number, call_learner, counting_configs, expect_shape, expect_tensor,
+                                  is_number, passed)
 from lora_edu.gpt2 import GPT2, GPT2Config, next_token_probs
+from lora_edu.plumbing import check_int
 
 __all__ = [
     "check_best_temperature",
@@ -28,16 +30,10 @@ def _true_parameter_count(config: GPT2Config) -> int:
 
 def check_parameter_count(count_parameters: Callable[[GPT2Config], int]) -> None:
     """Exercise 0.1: ``count_parameters(config)`` must equal the model's parameter count."""
-    configs = {
-        "tiny": GPT2Config.from_preset("tiny"),
-        "gpt2": GPT2Config.from_preset("gpt2"),
-        "an odd one": GPT2Config(vocab_size=100, block_size=32, n_layer=3, n_head=3, n_embd=48),
-    }
+    configs = counting_configs()
     for name, config in configs.items():
-        got, want = call_learner(count_parameters, config), _true_parameter_count(config)
-        if isinstance(got, torch.Tensor):
-            got = got.item()
-        if not isinstance(got, int) or isinstance(got, bool):
+        got, want = as_number(call_learner(count_parameters, config)), _true_parameter_count(config)
+        if not is_number(got, int):
             raise CheckFailed(f"count_parameters should return an int, got {type(got).__name__}.")
         if got == want:
             continue
@@ -94,8 +90,7 @@ def check_next_token_probs(
     for temperature, top_k in [(1.0, None), (0.5, None), (2.0, None), (1.0, 2), (0.7, 3)]:
         got = expect_tensor(call_learner(probs_fn, logits.clone(), temperature, top_k), "next_token_probs")
         want = next_token_probs(logits, temperature, top_k)
-        if got.shape != want.shape:
-            raise CheckFailed(f"Expected shape {tuple(want.shape)} (one distribution per row), got {tuple(got.shape)}.")
+        expect_shape(got, want.shape, "The probabilities", otherwise="one distribution per row")
         if torch.allclose(got, want, atol=1e-5):
             continue
         setting = f"temperature={temperature}, top_k={top_k}"
@@ -126,9 +121,7 @@ def held_out_logits(corpus: str, windows: int = 256) -> tuple[torch.Tensor, torc
     """
     if corpus not in _CORPORA:
         raise ValueError(f"corpus must be one of {_CORPORA}, got {corpus!r}")
-    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 1:
-        raise ValueError(f"windows must be a positive int, got {windows!r}")
-    logits, targets = _held_out_logits(corpus, windows)
+    logits, targets = _held_out_logits(corpus, check_int(windows, "windows"))
     return logits.clone(), targets.clone()  # the cached copy stays the checker's
 
 
@@ -169,10 +162,8 @@ def check_best_temperature(best: dict) -> None:
         got = sorted(best) if isinstance(best, dict) else type(best).__name__
         raise CheckFailed(f"Give a dict with one temperature per corpus, keys {list(_CORPORA)}; got {got}.")
     for corpus in _CORPORA:
-        t = best[corpus]
-        if isinstance(t, torch.Tensor) and t.numel() == 1:
-            t = t.item()
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        t = as_number(best[corpus])
+        if not is_number(t) or not math.isfinite(t) or t <= 0:
             raise CheckFailed(f"The temperature for {corpus} should be a positive number, got {t!r}.")
         logits, targets = held_out_logits(corpus)
         t_best, lowest = _best_temperature(corpus)

@@ -6,7 +6,8 @@ from typing import Callable, Iterable
 
 import torch
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.checks.core import CheckFailed, as_number, call_learner, expect_tensor, is_number, passed
+from lora_edu.plumbing import check_int
 from lora_edu.svd import low_rank_approx, low_rank_parameters, rank_for_energy
 
 __all__ = [
@@ -67,10 +68,8 @@ def check_rank_for_energy(rank_for_energy_fn: Callable[[torch.Tensor, float], in
     ]
     answers = []
     for name, W, energy in cases:
-        got = call_learner(rank_for_energy_fn, W.clone(), energy)
-        if isinstance(got, torch.Tensor) and got.numel() == 1:
-            got = got.item()
-        if isinstance(got, bool) or not isinstance(got, int):
+        got = as_number(call_learner(rank_for_energy_fn, W.clone(), energy))
+        if not is_number(got, int):
             raise CheckFailed(f"rank_for_energy should return a rank, an int; got {got!r}.")
         answers.append(got)
     wanted = [rank_for_energy(W, energy) for _, W, energy in cases]
@@ -131,10 +130,7 @@ def gain_kept(delta: dict[str, torch.Tensor], ranks: Iterable[int]) -> dict[int,
 
     if not isinstance(delta, dict) or not delta:
         raise TypeError(f"delta must be a non-empty dict of parameter name -> update, got {type(delta).__name__}")
-    ranks = list(ranks)
-    for r in ranks:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"ranks must be non-negative ints, got {r!r}")
+    ranks = [check_int(r, "each of ranks", minimum=0) for r in ranks]
     val = load_split("milton", "val")
     model = load_tiny("cpu")
     params = dict(model.named_parameters())
@@ -160,9 +156,8 @@ def gain_kept(delta: dict[str, torch.Tensor], ranks: Iterable[int]) -> dict[int,
 
 def check_rank_keeping_gain(r: int, delta: dict[str, torch.Tensor], share: float = 0.9) -> None:
     """Exercise 1.4: ``r`` is the smallest rank at which every truncated update keeps ``share`` of the gain."""
-    if isinstance(r, torch.Tensor) and r.numel() == 1:
-        r = r.item()
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    r = as_number(r)
+    if not is_number(r, int) or r < 1:
         raise CheckFailed(f"The answer should be a rank, a positive int; got {r!r}.")
     largest = max(min(d.shape) for d in delta.values())
     if r > largest:

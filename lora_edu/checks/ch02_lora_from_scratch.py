@@ -8,7 +8,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.checks.core import (CheckFailed, as_number, call_learner, counting_configs, expect_shape, expect_tensor,
+                                  first_changed, first_hint, is_number, learner_raised, name_of, passed,
+                                  refuse_dotted_attributes, returned, seeded)
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters
 from lora_edu.lora_layer import LoRALinear
@@ -29,19 +31,11 @@ def _call_with_shapes(fn: Callable, hint: str, *args):
     try:
         return call_learner(fn, *args)
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckFailed(
-            f"{getattr(fn, '__name__', 'your function')} raised RuntimeError ({first_line}): {hint}."
-        ) from err
+        raise learner_raised(name_of(fn), err, hint) from err
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return got.shape == want.shape and torch.allclose(got.double(), want.double(), rtol=1e-5, atol=1e-6)
-
-
-def _changed(arguments: dict[str, torch.Tensor], originals: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first argument the learner modified in place, if any."""
-    return next((name for name, t in arguments.items() if not torch.equal(t, originals[name])), None)
 
 
 # ---------------------------------------------------------------------------
@@ -76,15 +70,12 @@ def check_lora_forward(lora_forward: Callable) -> None:
         base, lora, scaling = x @ W0.T, (x @ A.T) @ B.T, alpha / r
         want = base + b0 + scaling * lora
         setting = f"x of shape {tuple(x.shape)}, alpha={alpha:g} and r={r}"
-        if got.shape != want.shape:
-            if got.dim() >= 2 and got.shape == want.transpose(-1, -2).shape:
-                hint = "you returned the transpose; multiply x on the left, x @ W0.T and (x @ A.T) @ B.T"
-            else:
-                hint = "keep x's leading dimensions and end with out_features: x @ W0.T and (x @ A.T) @ B.T do that"
-            raise CheckFailed(
-                f"For {setting}, the output should have shape {tuple(want.shape)} but yours has "
-                f"{tuple(got.shape)}: {hint}."
-            )
+        expect_shape(
+            got, want.shape, f"For {setting}, the output",
+            {tuple(want.transpose(-1, -2).shape):
+             "you returned the transpose; multiply x on the left, x @ W0.T and (x @ A.T) @ B.T"},
+            otherwise="keep x's leading dimensions and end with out_features: x @ W0.T and (x @ A.T) @ B.T do that",
+        )
         if _close(got, want):
             continue
         wrong = [
@@ -99,10 +90,8 @@ def check_lora_forward(lora_forward: Callable) -> None:
             (b0 + scaling * lora, "the frozen weight's path x @ W0.T is missing; LoRA adds its update to it"),
             (base + b0, "the LoRA path is missing; add (alpha / r) * (x @ A.T) @ B.T to the frozen layer's output"),
         ]
-        hint = next(
-            (h for variant, h in wrong if _close(got, variant)),
-            "compute x @ W0.T + b0 + (alpha / r) * (x @ A.T) @ B.T",
-        )
+        hint = first_hint(wrong, lambda variant: _close(got, variant),
+                          "compute x @ W0.T + b0 + (alpha / r) * (x @ A.T) @ B.T")
         error = (got.double() - want).abs().max().item()
         raise CheckFailed(f"For {setting}, your output is off by up to {error:.3g}: {hint}.")
     passed("Correct: your LoRA layer computes x W0^T + b0 + (alpha / r) (x A^T) B^T.")
@@ -122,19 +111,14 @@ def _check_weight_function(fn: Callable, name: str, first: str, args: dict, alph
     got = expect_tensor(_call_with_shapes(fn, _MATMUL_HINT, *given.values(), alpha, r), name)
     setting = f"a {want.shape[0]} x {want.shape[1]} {first}, alpha={alpha:g} and r={r}"
     op = "+" if name == "merge" else "-"
-    if got.shape != want.shape:
-        raise CheckFailed(
-            f"For {setting}, {name} returned shape {tuple(got.shape)} instead of {tuple(want.shape)}: "
-            f"{_MATMUL_HINT.replace('not A @ B', 'with no transpose')}."
-        )
+    expect_shape(got, want.shape, f"For {setting}, {name}'s result",
+                 otherwise=_MATMUL_HINT.replace("not A @ B", "with no transpose"))
     if not _close(got, want):
-        hint = next(
-            (h for variant, h in wrong if _close(got, variant)),
-            f"{name} should return {first} {op} (alpha / r) * B @ A",
-        )
+        hint = first_hint(wrong, lambda variant: _close(got, variant),
+                          f"{name} should return {first} {op} (alpha / r) * B @ A")
         error = (got.double() - want).abs().max().item()
         raise CheckFailed(f"For {setting}, {name}'s result is off by up to {error:.3g}: {hint}.")
-    changed = _changed(given, originals)
+    changed = first_changed(given, originals)
     if changed == first:
         raise CheckFailed(
             f"{name} changed its argument {first} in place; leave the inputs alone and return a new tensor "
@@ -200,8 +184,7 @@ def _matches(name: str, names: list[str]) -> bool:
 def check_inject_lora(inject_lora: Callable) -> None:
     """Exercise 2.3: ``inject_lora(model, names, r, alpha)`` wraps the matching nn.Linear layers in place."""
     for names, r, alpha in _INJECT_CASES:
-        with torch.random.fork_rng(devices=[]):  # the same model every time, and the learner's RNG untouched
-            torch.manual_seed(0)
+        with seeded(0):  # the same model every time, and the learner's RNG untouched
             model = _small_model()
             before = dict(model.named_modules())
             expected = sorted(n for n, m in before.items() if isinstance(m, nn.Linear) and _matches(n, names))
@@ -232,12 +215,7 @@ def check_inject_lora(inject_lora: Callable) -> None:
 
 
 def _check_injected(model: nn.Module, names, r, alpha, before: dict[str, nn.Module], expected: list[str]) -> None:
-    dotted = next((k for m in model.modules() for k in m._modules if "." in k), None)
-    if dotted is not None:
-        raise CheckFailed(
-            f"You gave a module an attribute named {dotted!r}, which does not reach the nested layer: "
-            "set the attribute on the parent instead, setattr(model.get_submodule(parent_name), child_name, ...)."
-        )
+    refuse_dotted_attributes(model)
     actual = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
     missing = [n for n in expected if n not in actual]
     extra = [n for n in actual if n not in expected]
@@ -289,8 +267,9 @@ def _check_injected(model: nn.Module, names, r, alpha, before: dict[str, nn.Modu
 
 def _check_returned(got, names, expected: list[str]) -> None:
     if not isinstance(got, list):
-        what = "None (is the return statement missing?)" if got is None else f"a {type(got).__name__}"
-        raise CheckFailed(f"inject_lora should return a list of the full names it replaced, but it returned {what}.")
+        raise CheckFailed(
+            f"inject_lora should return a list of the full names it replaced, but it returned {returned(got)}."
+        )
     if got == expected:
         return
     if sorted(got) == expected:
@@ -324,18 +303,12 @@ def _block_layers(config: GPT2Config, targets, hidden: int = 4, qkv: int = 3, sk
 
 def check_count_lora_parameters(count_lora_parameters: Callable[[GPT2Config, list, int], int]) -> None:
     """Exercise 2.4: ``count_lora_parameters(config, targets, r)`` is what add_lora makes trainable."""
-    configs = {
-        "tiny": GPT2Config.from_preset("tiny"),
-        "gpt2": GPT2Config.from_preset("gpt2"),
-        "an odd one": GPT2Config(vocab_size=100, block_size=32, n_layer=3, n_head=3, n_embd=48),
-    }
+    configs = counting_configs()
     for name, config in configs.items():
         for targets in (["c_attn"], ["c_proj"], ["c_attn", "c_fc"]):
             for r in (1, 8):
-                got = call_learner(count_lora_parameters, config, list(targets), r)
-                if isinstance(got, torch.Tensor) and got.numel() == 1:
-                    got = got.item()
-                if not isinstance(got, int) or isinstance(got, bool):
+                got = as_number(call_learner(count_lora_parameters, config, list(targets), r))
+                if not is_number(got, int):
                     raise CheckFailed(f"count_lora_parameters should return an int, got {type(got).__name__}.")
                 want = _true_lora_count(config, tuple(targets), r)
                 if got == want:
@@ -358,10 +331,8 @@ def check_count_lora_parameters(count_lora_parameters: Callable[[GPT2Config, lis
                     (want + L * sum(i * o + o for i, o in layers),
                      "only A and B are trainable; do not count the frozen base weights and biases"),
                 ]
-                hint = next(
-                    (h for value, h in wrong if value == got and value != want),
-                    "add r * (in + out) for every matching linear layer in every block",
-                )
+                hint = first_hint(wrong, lambda value: value == got and value != want,
+                                  "add r * (in + out) for every matching linear layer in every block")
                 raise CheckFailed(
                     f"For the {name} config ({L} layers, n_embd={config.n_embd}), targets={targets} and r={r} you "
                     f"counted {got:,} trainable parameters but add_lora creates {want:,}: {hint}."
@@ -407,11 +378,11 @@ def check_smallest_rank(losses: dict, rank) -> None:
     """Exercise 2.5: ``losses`` maps each rank tried to its held-out loss on :func:`rank_toy`;
     ``rank`` is the smallest rank whose loss is within RANK_MARGIN of the full rank's (32)."""
     if not isinstance(losses, dict) or not losses:
-        raise CheckFailed(f"losses should be a dict from each rank you tried to its held-out loss, got {_what(losses)}.")
-    bad = next((k for k in losses if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= _TOY_D), None)
+        raise CheckFailed(f"losses should be a dict from each rank you tried to its held-out loss, got {returned(losses)}.")
+    bad = next((k for k in losses if not is_number(k, int) or not 1 <= k <= _TOY_D), None)
     if bad is not None:
         raise CheckFailed(f"losses has the key {bad!r}: the keys should be the ranks you tried, ints from 1 to {_TOY_D}.")
-    if any(not isinstance(v, (int, float)) or v != v for v in losses.values()):
+    if any(not is_number(v) or v != v for v in losses.values()):
         raise CheckFailed("every value of losses should be a held-out loss as a Python float (use .item()).")
     if _TOY_D not in losses:
         raise CheckFailed(
@@ -435,8 +406,8 @@ def check_smallest_rank(losses: dict, rank) -> None:
     good_enough = [r for r in sorted(losses) if losses[r] <= losses[_TOY_D] + RANK_MARGIN]
     answer = good_enough[0]
     tried_below = set(range(1, answer)) <= set(losses)
-    if not isinstance(rank, int) or isinstance(rank, bool):
-        raise CheckFailed(f"rank should be an int, got {_what(rank)}.")
+    if not is_number(rank, int):
+        raise CheckFailed(f"rank should be an int, got {returned(rank)}.")
     if not tried_below:
         missing = min(set(range(1, answer)) - set(losses))
         raise CheckFailed(
@@ -454,7 +425,3 @@ def check_smallest_rank(losses: dict, rank) -> None:
         f"Correct: rank {answer} is the smallest within {RANK_MARGIN} of the full rank's loss; it trains "
         f"{answer * 2 * _TOY_D:,} parameters where the full rank trains {_TOY_D * 2 * _TOY_D:,}."
     )
-
-
-def _what(value) -> str:
-    return "None (is the return statement missing?)" if value is None else f"a {type(value).__name__}"

@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner, passed
+from lora_edu.checks.core import (CheckFailed, as_number, call_learner, expect_shape, first_changed, first_hint,
+                                  is_number, learner_raised, passed, returned, seeded)
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.loraplus import create_loraplus_optimizer, loraplus_param_groups, toy_lora_losses
@@ -20,8 +21,7 @@ __all__ = ["check_loraplus_groups", "check_lr_by_parameter", "check_sign_descent
 
 def _small_lora_model(targets="all-linear", r: int = 4) -> GPT2:
     """A small GPT-2 with LoRA layers, the same every time; the learner's RNG is left alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         model = GPT2(GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32))
         return add_lora(model, targets, r=r).eval()
 
@@ -62,8 +62,9 @@ def _parse_groups(got) -> list[tuple[list, object, object]]:
         hint = "list(groups.values())" if got and all(isinstance(g, dict) for g in got.values()) else "[group, ...]"
         raise CheckFailed(f"loraplus_groups should return a list of group dicts, not one dict: return {hint}.")
     if not isinstance(got, (list, tuple)):
-        what = "None (is the return statement missing?)" if got is None else f"a {type(got).__name__}"
-        raise CheckFailed(f"loraplus_groups should return a list of dicts, one per group, but it returned {what}.")
+        raise CheckFailed(
+            f"loraplus_groups should return a list of dicts, one per group, but it returned {returned(got)}."
+        )
     parsed = []
     for i, group in enumerate(got):
         if not isinstance(group, dict) or "params" not in group:
@@ -137,8 +138,8 @@ def check_loraplus_groups(loraplus_groups: Callable) -> None:
     passed("Correct: A trains at lr, B at ratio * lr, both with the weight decay you ask for, and 1-D parameters without.")
 
 
-def _as_number(value, name: str, key: str, setting: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _group_number(value, name: str, key: str, setting: str) -> float:
+    if not is_number(value):
         raise CheckFailed(f'{setting}, the group holding {name} has "{key}" = {value!r}: it should be a number.')
     return float(value)
 
@@ -150,7 +151,7 @@ def _check_lrs(setting, names, kind, seen, want, lr, ratio) -> None:
                 f'{setting}, the group holding {names[i]} has no "lr", so the optimizer would give it its default: '
                 'give every group its own "lr" (A\'s is lr, B\'s is ratio * lr, any other parameter\'s is lr).'
             )
-    got = {i: _as_number(seen[i][0], names[i], "lr", setting) for i in seen}
+    got = {i: _group_number(seen[i][0], names[i], "lr", setting) for i in seen}
     if all(_same(got[i], want[i][0]) for i in want):
         return
     a_lrs = [got[i] for i in want if kind.get(i) == "A"]
@@ -180,7 +181,7 @@ def _check_decay(setting, names, kind, seen, want, weight_decay) -> None:
             "own default instead of the weight_decay you were given: leaving it out of custom groups is the bug that "
             'silently turns weight decay off, so put "weight_decay": weight_decay in the A and B groups.'
         )
-    got = {i: _as_number(seen[i][1], names[i], "weight_decay", setting) for i in lora}
+    got = {i: _group_number(seen[i][1], names[i], "weight_decay", setting) for i in lora}
     if weight_decay > 0 and all(got[i] == 0 for i in lora):
         raise CheckFailed(
             f"{setting}, the A and B matrices get weight decay 0: dropping the decay from custom groups is the bug "
@@ -201,7 +202,7 @@ def _check_decay(setting, names, kind, seen, want, weight_decay) -> None:
                 f'{setting}, the group holding {names[i]} has no "weight_decay", so the optimizer would decay this '
                 'vector with its default (AdamW\'s is 0.01): give it "weight_decay": 0.0.'
             )
-        if not _same(_as_number(value, names[i], "weight_decay", setting), want[i][1]):
+        if not _same(_group_number(value, names[i], "weight_decay", setting), want[i][1]):
             raise CheckFailed(
                 f"{setting}, {names[i]} gets weight decay {value:g}: 1-D parameters such as biases and LayerNorm "
                 "weights are not decayed, so put them in a group with weight_decay 0."
@@ -214,8 +215,7 @@ def _check_decay(setting, names, kind, seen, want, weight_decay) -> None:
 
 def _zero_init_model() -> nn.Module:
     """A LoRA layer followed by a zero-initialised trainable projection: it holds the same values as B."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
         with torch.no_grad():
             model[1].weight.zero_()
@@ -279,21 +279,21 @@ def check_lr_by_parameter(lr_by_parameter: Callable) -> None:
         try:
             got = call_learner(lr_by_parameter, optimizer, model)
         except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckFailed(
-                f"For {setting}, lr_by_parameter raised RuntimeError ({first_line}): `p in group['params']` compares "
-                f"tensors with ==, element by element, so {_IDENTITY_HINT}."
+            raise learner_raised(
+                f"For {setting}, lr_by_parameter", err,
+                f"`p in group['params']` compares tensors with ==, element by element, so {_IDENTITY_HINT}",
             ) from err
         if not isinstance(got, dict):
-            what = "None (is the return statement missing?)" if got is None else f"a {type(got).__name__}"
-            raise CheckFailed(f"lr_by_parameter should return a dict from parameter names to learning rates, got {what}.")
+            raise CheckFailed(
+                f"lr_by_parameter should return a dict from parameter names to learning rates, got {returned(got)}."
+            )
         bad_key = next((k for k in got if not isinstance(k, str)), None)
         if bad_key is not None:
             raise CheckFailed(
                 f"lr_by_parameter's keys should be the parameter names from model.named_parameters(), like "
                 f"{next(iter(want))!r}, not {type(bad_key).__name__}s."
             )
-        bad_value = next((n for n, v in got.items() if isinstance(v, bool) or not isinstance(v, (int, float))), None)
+        bad_value = next((n for n, v in got.items() if not is_number(v)), None)
         if bad_value is not None:
             raise CheckFailed(
                 f"For {setting}, {bad_value} maps to a {type(got[bad_value]).__name__}: give the group's learning "
@@ -363,16 +363,14 @@ def _pair_close(got: tuple, want: tuple) -> bool:
 
 def _unpack_step(got, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(got, (tuple, list)) or len(got) != 2:
-        what = "None (is the return statement missing?)" if got is None else f"a {type(got).__name__}"
-        raise CheckFailed(f"sign_descent_step should return a pair (a_new, b_new), but it returned {what}.")
+        raise CheckFailed(f"sign_descent_step should return a pair (a_new, b_new), but it returned {returned(got)}.")
     for value, name, like in zip(got, ("a_new", "b_new"), ("a 1-D tensor like a", "a 0-d tensor like b")):
         if not isinstance(value, torch.Tensor):
             raise CheckFailed(f"{name} should be {like}, but it is a {type(value).__name__}.")
     a_new, b_new = got
     if a_new.shape == () and b_new.shape == a.shape:
         raise CheckFailed("You returned (b_new, a_new); return them in the order (a_new, b_new).")
-    if a_new.shape != a.shape:
-        raise CheckFailed(f"a_new should have a's shape {tuple(a.shape)}, but it has {tuple(a_new.shape)}.")
+    expect_shape(a_new, a.shape, "a_new, like a,")
     if b_new.shape != ():
         raise CheckFailed(
             f"b_new should be a 0-d tensor like b, but it has shape {tuple(b_new.shape)}: b's gradient is the "
@@ -387,7 +385,7 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
         inputs = {"a": a, "b": b, "x": x, "y": y}
         given = {k: v.clone() for k, v in inputs.items()}
         got = call_learner(sign_descent_step, *given.values(), lr_a, lr_b)
-        changed = next((k for k in inputs if not torch.equal(given[k], inputs[k])), None)
+        changed = first_changed(given, inputs)
         if changed is not None:
             how = (f"write {changed} - lr_{changed} * ..., not {changed} -= ... or {changed}.sub_(...)"
                    if changed in ("a", "b") else "the data x and y are only read")
@@ -404,11 +402,10 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
         residual = b * (a @ x) - y
         setting = f"For b={b.item():g}, y={y.item():g}, lr_a={lr_a:g} and lr_b={lr_b:g}"
         if b == 0 and not torch.allclose(a_new.double(), a):
-            hint = next(
-                (h for variant, h in [
-                    (a - lr_a, "sign(0) is 0, not 1: a coordinate with zero gradient does not move, so use torch.sign"),
-                    (a + lr_a, "sign(0) is 0, not -1: a coordinate with zero gradient does not move, so use torch.sign"),
-                ] if torch.allclose(a_new.double(), variant)),
+            hint = first_hint(
+                [(a - lr_a, "sign(0) is 0, not 1: a coordinate with zero gradient does not move, so use torch.sign"),
+                 (a + lr_a, "sign(0) is 0, not -1: a coordinate with zero gradient does not move, so use torch.sign")],
+                lambda variant: torch.allclose(a_new.double(), variant),
                 "a's gradient passes through b (the chain rule through f = b (a . x)), so B = 0 means A gets no "
                 "gradient and, as sign(0) = 0, a must not move on this step",
             )
@@ -426,8 +423,8 @@ def check_sign_descent_step(sign_descent_step: Callable) -> None:
             ((want[0], b - lr_b * residual.sign()),
              "b's gradient lost a factor: the chain rule through f = b (a . x) passes through the feature a . x"),
         ]
-        hint = next(
-            (h for variant, h in wrong if _pair_close((a_new, b_new), variant) and not _pair_close(variant, want)),
+        hint = first_hint(
+            wrong, lambda variant: _pair_close((a_new, b_new), variant) and not _pair_close(variant, want),
             "your step is wrong: derive dL/da and dL/db by the chain rule through f = b (a . x), then move each "
             "coordinate by its own learning rate against the sign of its gradient",
         )
@@ -464,9 +461,8 @@ def _as_pair(value, n: int) -> tuple[float, float]:
         raise CheckFailed(f"best_pair[{n}] should be a pair (eta_A, eta_B), got {value!r}.")
     pair = []
     for name, v in zip(("eta_A", "eta_B"), value):
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        v = as_number(v)
+        if not is_number(v) or not math.isfinite(v) or v <= 0:
             raise CheckFailed(f"best_pair[{n}]'s {name} should be a positive learning rate, got {v!r}.")
         pair.append(float(v))
     return pair[0], pair[1]

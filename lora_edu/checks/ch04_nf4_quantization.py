@@ -8,9 +8,11 @@ from typing import Callable
 
 import torch
 
-from lora_edu.checks._core import CheckFailed, call_learner, passed
+from lora_edu.checks.core import (CheckFailed, as_number, call_learner, expect_shape, first_hint, is_number,
+                                  learner_raised, passed, returned)
 from lora_edu.nf4 import bits_per_parameter as _bits_per_parameter
 from lora_edu.nf4 import ZERO_CODE, nf4_code, quantize_nf4
+from lora_edu.plumbing import check_int
 
 __all__ = [
     "absmax_scaled_normal_blocks",
@@ -30,15 +32,6 @@ _RECIPE = (
 )
 
 
-def _returned(got) -> str:
-    return "None (is the return statement missing?)" if got is None else f"a {type(got).__name__}"
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in values) + "]"
 
@@ -53,7 +46,7 @@ def check_nf4_values(nf4_values: Callable[[], torch.Tensor]) -> None:
     if not isinstance(got, torch.Tensor):
         hint = ": turn your list into one with torch.tensor(...)" if isinstance(got, (list, tuple)) else ""
         raise CheckFailed(
-            f"nf4_values should return a torch.Tensor of the 16 levels, but it returned {_returned(got)}{hint}."
+            f"nf4_values should return a torch.Tensor of the 16 levels, but it returned {returned(got)}{hint}."
         )
     if got.dim() != 1:
         raise CheckFailed(
@@ -150,24 +143,20 @@ def _block_cases():
 
 def _parse_block_answer(got, block: torch.Tensor, setting: str) -> tuple[torch.Tensor, float]:
     if not isinstance(got, (tuple, list)) or len(got) != 2:
-        raise CheckFailed(f"quantize_block should return a pair (indices, absmax), but it returned {_returned(got)}.")
+        raise CheckFailed(f"quantize_block should return a pair (indices, absmax), but it returned {returned(got)}.")
     indices, absmax = got
     n = block.numel()
     indices_first = isinstance(indices, torch.Tensor) and indices.numel() == n
     if isinstance(absmax, torch.Tensor) and absmax.numel() == n and not indices_first:
         raise CheckFailed("You returned (absmax, indices); return them in the order (indices, absmax).")
     if not isinstance(indices, torch.Tensor):
-        raise CheckFailed(f"indices should be a torch.Tensor, one index per value, but it is {_returned(indices)}.")
+        raise CheckFailed(f"indices should be a torch.Tensor, one index per value, but it is {returned(indices)}.")
     if indices.is_floating_point() or indices.dtype == torch.bool:
         raise CheckFailed(
             f"indices should be integers (0 to 15), but yours are {indices.dtype}: torch.bucketize gives integers, "
             "so do not turn them into floats (or use .long())."
         )
-    if tuple(indices.shape) != (n,):
-        raise CheckFailed(
-            f"For {setting}, indices should have shape ({n},), one index per value of block, but yours has "
-            f"{tuple(indices.shape)}."
-        )
+    expect_shape(indices, (n,), f"For {setting}, indices", otherwise="one index per value of block")
     if isinstance(absmax, torch.Tensor):
         if absmax.dim() != 0:
             raise CheckFailed(
@@ -175,8 +164,8 @@ def _parse_block_answer(got, block: torch.Tensor, setting: str) -> tuple[torch.T
                 "block.abs().max() gives a 0-d tensor."
             )
         absmax = absmax.item()
-    if isinstance(absmax, bool) or not isinstance(absmax, (int, float)):
-        raise CheckFailed(f"absmax should be a float (or a 0-d tensor), but it is {_returned(absmax)}.")
+    if not is_number(absmax):
+        raise CheckFailed(f"absmax should be a float (or a 0-d tensor), but it is {returned(absmax)}.")
     return indices.long(), float(absmax)
 
 
@@ -246,7 +235,7 @@ def _diagnose_indices(setting, block, code, indices, want) -> None:
          "you used the NF4 levels, but this call passes other levels in code: look the values up in the code "
          "argument"),
     ]
-    hint = next((h for v, h in variants if torch.equal(indices, v) and not torch.equal(v, want)), None)
+    hint = first_hint(variants, lambda v: torch.equal(indices, v) and not torch.equal(v, want))
     if hint is None:
         i = int(wrong.nonzero()[0])
         j = want[i].item()
@@ -306,14 +295,15 @@ def _check_pack(pack: Callable) -> None:
         except (RuntimeError, IndexError) as err:
             if n % 2 == 0:
                 raise
-            raise CheckFailed(
-                f"For {setting}, an odd count, pack raised {type(err).__name__} ({_first_line(err)}): bring the "
-                f"indices to an even length first: {_PAD_WITH_7}; the last byte then holds the last index and a 7."
+            raise learner_raised(
+                f"For {setting}, an odd count, pack", err,
+                f"bring the indices to an even length first: {_PAD_WITH_7}; the last byte then holds the last index "
+                "and a 7",
             ) from err
         if not torch.equal(given, indices):
             raise CheckFailed("pack changed its argument indices in place: build the bytes as a new tensor.")
         if not isinstance(got, torch.Tensor):
-            raise CheckFailed(f"pack should return a torch.Tensor of bytes, but it returned {_returned(got)}.")
+            raise CheckFailed(f"pack should return a torch.Tensor of bytes, but it returned {returned(got)}.")
         size = (n + 1) // 2
         if got.dim() != 1 or got.numel() != size:
             if got.numel() == n // 2 and n % 2:
@@ -361,7 +351,7 @@ def _check_unpack(unpack: Callable) -> None:
         if not torch.equal(given, packed):
             raise CheckFailed("unpack changed its argument packed in place: build the indices as a new tensor.")
         if not isinstance(got, torch.Tensor):
-            raise CheckFailed(f"unpack should return a torch.Tensor of {n} indices, but it returned {_returned(got)}.")
+            raise CheckFailed(f"unpack should return a torch.Tensor of {n} indices, but it returned {returned(got)}.")
         if got.is_floating_point() or got.dtype == torch.bool:
             raise CheckFailed(
                 f"unpack should return integer indices, but yours are {got.dtype}: keep them integers."
@@ -423,12 +413,10 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
     for double_quant in (False, True):
         got = []
         for blocksize in blocksizes:
-            value = call_learner(bits_per_parameter, blocksize, double_quant)
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            value = as_number(call_learner(bits_per_parameter, blocksize, double_quant))
+            if not is_number(value):
                 raise CheckFailed(
-                    f"bits_per_parameter should return a number of bits, a float; got {_returned(value)}."
+                    f"bits_per_parameter should return a number of bits, a float; got {returned(value)}."
                 )
             got.append(float(value))
         want = [_bits_per_parameter(b, double_quant) for b in blocksizes]
@@ -462,7 +450,7 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
             ]
         idea = ("the 4-bit index, the 8-bit absmax shared by the block, and the float32 scale shared by 256 blocks"
                 if double_quant else "the 4-bit index and the float32 absmax shared by the block")
-        hint = next((h for variant, h in variants if _matches(got, variant)), f"each weight pays for {idea}")
+        hint = first_hint(variants, lambda variant: _matches(got, variant), f"each weight pays for {idea}")
         i = next(i for i in range(4) if not math.isclose(got[i], want[i], rel_tol=1e-9))
         raise CheckFailed(
             f"For blocksize={blocksizes[i]} and double_quant={double_quant}, you returned {got[i]:g} bits but NF4 "
@@ -477,9 +465,8 @@ def check_bits_per_parameter(bits_per_parameter: Callable[[int, bool], float]) -
 
 def absmax_scaled_normal_blocks(n_blocks: int = 1024, blocksize: int = 64, seed: int = 0) -> torch.Tensor:
     """Blocks of standard normal values, each divided by its absmax: what a 4-bit code has to round, flattened."""
-    for name, value in (("n_blocks", n_blocks), ("blocksize", blocksize)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_int(n_blocks, "n_blocks")
+    check_int(blocksize, "blocksize")
     blocks = torch.randn(n_blocks, blocksize, generator=torch.Generator().manual_seed(seed))
     return (blocks / blocks.abs().amax(dim=1, keepdim=True)).reshape(-1)
 
@@ -514,7 +501,7 @@ def _lloyd_max(values: torch.Tensor, levels: torch.Tensor, steps: int) -> torch.
 def check_lloyd_max_levels(levels: torch.Tensor) -> None:
     """Exercise 4.5: 16 levels whose squared error on fresh absmax-scaled normal blocks is as low as Lloyd-Max's."""
     if not isinstance(levels, torch.Tensor):
-        raise CheckFailed(f"Give your levels as a torch.Tensor, got {_returned(levels)}.")
+        raise CheckFailed(f"Give your levels as a torch.Tensor, got {returned(levels)}.")
     if levels.dim() != 1 or levels.numel() != 16:
         raise CheckFailed(f"A 4-bit code has 16 levels in a 1-D tensor; yours has shape {tuple(levels.shape)}.")
     levels = levels.detach().double()

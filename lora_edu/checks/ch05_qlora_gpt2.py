@@ -10,22 +10,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner, passed
+from lora_edu.checks.core import (CheckFailed, as_number, call_learner, first_hint, is_number, learner_raised, passed,
+                                  refuse_dotted_attributes, returned, seeded)
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
 from lora_edu.qlora import memory_breakdown, prepare_for_kbit_training, quantize_model
 
 __all__ = ["check_blocksize_experiment", "check_fine_tuning_bytes", "check_quantize_and_count", "check_training_step"]
-
-
-def _returned(got) -> str:
-    return "None (is the return statement missing?)" if got is None else f"a {type(got).__name__}"
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ---------------------------------------------------------------------------
@@ -141,12 +133,11 @@ def _bytes_variants(method: str) -> list[tuple[Callable[[int, int, int], float],
 
 
 def _number(value, setting: str, method: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    value = as_number(value)
+    if not is_number(value, numbers.Real):
         raise CheckFailed(
             f"For {setting} and method={method!r}, fine_tuning_bytes should return a number of bytes, but it "
-            f"returned {_returned(value)}."
+            f"returned {returned(value)}."
         )
     return float(value)
 
@@ -165,9 +156,9 @@ def check_fine_tuning_bytes(fine_tuning_bytes: Callable[[int, int, int, str], fl
             try:
                 value = call_learner(fine_tuning_bytes, n_linear, n_other, n_lora, method)
             except (KeyError, ValueError) as err:
-                raise CheckFailed(
-                    f"For method={method!r}, fine_tuning_bytes raised {type(err).__name__} ({_first_line(err)}): "
-                    "handle the three methods 'full', 'lora' and 'qlora', spelled in lower case."
+                raise learner_raised(
+                    f"For method={method!r}, fine_tuning_bytes", err,
+                    "handle the three methods 'full', 'lora' and 'qlora', spelled in lower case",
                 ) from err
             got.append(_number(value, setting, method))
         if all(_close_bytes(g, case[4][method]) for g, case in zip(got, cases)):
@@ -177,11 +168,13 @@ def check_fine_tuning_bytes(fine_tuning_bytes: Callable[[int, int, int, str], fl
             return all(_close_bytes(g, formula(*case[1:4])) for g, case in zip(got, cases))
 
         right = [lambda nl, no, nr, m=m: _reference_bytes(nl, no, nr, m) for m in METHODS]
-        hint = next((f"that is what method={other!r} takes: check which branch handles which name (the 'lora' base "
-                     "is bfloat16, the 'qlora' base 4-bit, and 'full' trains everything)"
-                     for other, formula in zip(METHODS, right) if other != method and matches(formula)), None)
+        other_methods = [(formula, f"that is what method={other!r} takes: check which branch handles which "
+                                   "name (the 'lora' base is bfloat16, the 'qlora' base 4-bit, and 'full' trains "
+                                   "everything)")
+                         for other, formula in zip(METHODS, right) if other != method]
+        hint = first_hint(other_methods, matches)
         if hint is None:
-            hint = next((h for formula, h in _bytes_variants(method) if matches(formula)), None)
+            hint = first_hint(_bytes_variants(method), matches)
         if hint is None:
             hint = {
                 "full": "every parameter is trained in float32: 16 * (n_linear + n_other)",
@@ -209,8 +202,7 @@ _COUNT_CONFIGS = (_QUANT_CONFIG, GPT2Config(vocab_size=100, block_size=16, n_lay
 
 def _seeded_model(config: GPT2Config, seed: int = 0) -> GPT2:
     """A GPT2 with random biases and norms too (GPT-2 starts them at 0 and 1), the learner's RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = GPT2(config).eval()
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -253,12 +245,7 @@ def _quantize_hint_for_state(name: str, layer: NF4Linear, want: NF4Linear) -> st
 
 
 def _check_quantized(model: GPT2, original: GPT2, got) -> None:
-    dotted = next((k for m in model.modules() for k in m._modules if "." in k), None)
-    if dotted is not None:
-        raise CheckFailed(
-            f"You gave a module an attribute named {dotted!r}, which does not reach the nested layer: set the "
-            "attribute on the parent instead, setattr(model.get_submodule(parent_name), child_name, ...)."
-        )
+    refuse_dotted_attributes(model)
     names = _block_linears(original)
     modules = dict(model.named_modules())
     done = [n for n in names if isinstance(modules.get(n), NF4Linear)]
@@ -309,7 +296,7 @@ def _check_quantized(model: GPT2, original: GPT2, got) -> None:
     if got is not model:
         raise CheckFailed(
             f"quantize_linears should return the model it was given (changed in place), but it returned "
-            f"{_returned(got)}."
+            f"{returned(got)}."
         )
 
 
@@ -318,11 +305,9 @@ def _check_count(count_full_precision: Callable[[nn.Module], int]) -> None:
         original = _seeded_model(config, seed=1)
         want = _full_precision_count(original)
         model = quantize_model(copy.deepcopy(original))
-        got = call_learner(count_full_precision, model)
-        if isinstance(got, torch.Tensor) and got.numel() == 1 and not got.is_floating_point():
-            got = got.item()
-        if isinstance(got, bool) or not isinstance(got, numbers.Integral):
-            raise CheckFailed(f"count_full_precision should return an int, but it returned {_returned(got)}.")
+        got = as_number(call_learner(count_full_precision, model))
+        if not is_number(got, numbers.Integral):
+            raise CheckFailed(f"count_full_precision should return an int, but it returned {returned(got)}.")
         got = int(got)
         if got == want:
             continue
@@ -383,8 +368,7 @@ _LR = 1e-2
 
 def _qlora_model() -> GPT2:
     """A small GPT2 with a 4-bit base and rank-4 adapters, the same every time, the learner's RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded(0):
         model = GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32))
         quantize_model(model)
         prepare_for_kbit_training(model, gradient_checkpointing=False)
@@ -503,8 +487,8 @@ def check_training_step(training_step: Callable) -> None:
                 "training_step returned a tensor: return loss.item(), a Python float (a loss tensor kept for logging "
                 "keeps the whole graph of its step alive, and a detached one its memory on the device)."
             )
-        if isinstance(got, bool) or not isinstance(got, numbers.Real):
-            raise CheckFailed(f"training_step should return the loss as a float, but it returned {_returned(got)}.")
+        if not is_number(got, numbers.Real):
+            raise CheckFailed(f"training_step should return the loss as a float, but it returned {returned(got)}.")
         unfrozen = next((n for n, p in model.named_parameters() if p.requires_grad and not _is_lora(n)), None)
         if unfrozen is not None:
             raise CheckFailed(
@@ -556,10 +540,9 @@ def _dq_mse(w: torch.Tensor, blocksize: int) -> float:
 
 
 def _judge_error(got, want: float, where: str, w: torch.Tensor, blocksize: int) -> None:
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        got = got.item()
-    if not isinstance(got, (int, float)) or isinstance(got, bool):
-        raise CheckFailed(f"roundtrip_error should return a Python float, got {_returned(got)}.")
+    got = as_number(got)
+    if not is_number(got):
+        raise CheckFailed(f"roundtrip_error should return a Python float, got {returned(got)}.")
     if math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-12):
         return
     packed, state = quantize_nf4(w, blocksize)
@@ -577,9 +560,9 @@ def _judge_error(got, want: float, where: str, w: torch.Tensor, blocksize: int) 
         (0.0, "the error is exactly zero: did you compare the weight with itself instead of with its "
               "quantize-then-dequantize copy?"),
     ]
-    hint = next((h for value, h in variants if math.isclose(got, value, rel_tol=1e-4, abs_tol=1e-12)),
-                "quantize the weight with the given block size, dequantize it, and average the squared "
-                "differences from the original")
+    hint = first_hint(variants, lambda value: math.isclose(got, value, rel_tol=1e-4, abs_tol=1e-12),
+                      "quantize the weight with the given block size, dequantize it, and average the squared "
+                      "differences from the original")
     raise CheckFailed(f"For {where} at blocksize {blocksize}, roundtrip_error gave {got:.4g} but the mean squared "
                       f"round-trip error is {want:.4g}: {hint}.")
 
@@ -595,7 +578,7 @@ def check_blocksize_experiment(roundtrip_error: Callable, w: torch.Tensor, error
         got = call_learner(roundtrip_error, probe.clone(), blocksize)
         _judge_error(got, _roundtrip_mse(probe, blocksize), "a 96 x 64 test weight", probe, blocksize)
     if not isinstance(errors, dict) or not errors:
-        raise CheckFailed(f"errors should be a dict from block size to error, got {_returned(errors)}.")
+        raise CheckFailed(f"errors should be a dict from block size to error, got {returned(errors)}.")
     sizes = sorted(errors)
     if 64 not in errors:
         raise CheckFailed("errors has no entry for blocksize 64, the size every other one is compared with.")

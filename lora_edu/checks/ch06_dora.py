@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.checks.core import CheckFailed, call_learner, expect_shape, expect_tensor, first_hint, passed
 
 __all__ = [
     "check_dora_merge_conv1d",
@@ -62,11 +62,8 @@ def check_factored_row_norms(row_norms: Callable) -> None:
         got = expect_tensor(got, "row_norms")
         V = W0 + scaling * B @ A
         want = torch.linalg.norm(V, dim=1)
-        if got.shape != want.shape:
-            hint = (" (one per input: on a Conv1D weight the output features are its columns)"
-                    if got.shape == (in_f,) else "")
-            raise CheckFailed(f"{setting}, row_norms should return one norm per output feature, shape ({out_f},), "
-                              f"but yours has shape {tuple(got.shape)}{hint}.")
+        expect_shape(got, want.shape, f"{setting}, row_norms' output, one norm per output feature,",
+                     {(in_f,): "that is one per input, but on a Conv1D weight the output features are its columns"})
         got = got.double()
         if not torch.allclose(got, want, atol=1e-8):
             n0, cross = (W0 * W0).sum(1), (B * (W0 @ A.T)).sum(1)
@@ -82,7 +79,7 @@ def check_factored_row_norms(row_norms: Callable) -> None:
                 ((n0 + 2 * cross + quad).clamp(min=0).sqrt(), "the scaling is missing: the update is s B A"),
                 (torch.linalg.norm(W0, dim=1), "these are the norms of W0 alone: the update B A is left out"),
             ]
-            hint = next((h for v, h in wrong if v.shape == got.shape and torch.allclose(got, v, atol=1e-8)), None)
+            hint = first_hint(wrong, lambda v: v.shape == got.shape and torch.allclose(got, v, atol=1e-8))
             if hint is None and fan_in_fan_out:
                 hint = "on a fan_in_fan_out weight, W0 is the transpose of what you are given"
             hint = hint or ("it is none of the usual slips (square root, cross term, scaling, layout): expand the "
@@ -133,9 +130,7 @@ def check_dora_serving(serving_vector: Callable, serve: Callable) -> None:
                                              s), "serving_vector")
             V = W0 + s * B[k] @ A[k]
             want = m[k] / torch.linalg.norm(V, dim=1)
-            if got.shape != want.shape:
-                raise CheckFailed(f"{setting}, serving_vector should return one number per output feature, shape "
-                                  f"({out_f},), but yours has shape {tuple(got.shape)}.")
+            expect_shape(got, want.shape, f"{setting}, serving_vector's output, one number per output feature,")
             got = got.double()
             if torch.allclose(got, want, atol=1e-8):
                 continue
@@ -147,9 +142,9 @@ def check_dora_serving(serving_vector: Callable, serve: Callable) -> None:
                 (m[k] / torch.linalg.norm(W0 + B[k] @ A[k], dim=1), "the update in the norm is not scaled: it is "
                                                                    "s B A"),
             ]
-            hint = next((h for v, h in wrong if torch.allclose(got, v, atol=1e-8)),
-                        "it is none of the usual slips: once the weights are fixed, work out what the layer "
-                        "multiplies output feature i by, and compare one entry of yours with it")
+            hint = first_hint(wrong, lambda v: torch.allclose(got, v, atol=1e-8),
+                              "it is none of the usual slips: once the weights are fixed, work out what the layer "
+                              "multiplies output feature i by, and compare one entry of yours with it")
             raise CheckFailed(f"{setting}, adapter {k}: your vector is off by up to "
                               f"{(got - want).abs().max().item():.3g}: {hint}.")
         gs = torch.stack([m[k] / torch.linalg.norm(W0 + scaling[k] * B[k] @ A[k], dim=1) for k in range(n)])
@@ -160,9 +155,7 @@ def check_dora_serving(serving_vector: Callable, serve: Callable) -> None:
         want = torch.stack([_dora_layer_output(x[i], W0, b0, A[k], B[k], m[k], scaling[k])
                             for i, k in enumerate(index.tolist())])
         setting = f"{setting}, a batch of {len(index)} rows using {n} adapters (index {index.tolist()})"
-        if got.shape != want.shape:
-            raise CheckFailed(f"{setting}, serve should return shape {tuple(want.shape)} but yours has "
-                              f"{tuple(got.shape)}.")
+        expect_shape(got, want.shape, f"{setting}, serve's output")
         got = got.double()
         if torch.allclose(got, want, atol=1e-8):
             continue
@@ -179,7 +172,7 @@ def check_dora_serving(serving_vector: Callable, serve: Callable) -> None:
             (base + b0 + (gs[0] - 1) * base + gs[0] * torch.einsum("or,ri,bi->bo", B[0], A[0], x) * scaling[0],
              "every row used adapter 0: row i should use adapter index[i]"),
         ]
-        hint = next((h for v, h in wrong if torch.allclose(got, v, atol=1e-8)), None)
+        hint = first_hint(wrong, lambda v: torch.allclose(got, v, atol=1e-8))
         rows = [i for i in range(len(index)) if not torch.allclose(got[i], want[i], atol=1e-8)]
         hint = hint or (f"rows {rows} are wrong (adapters {[index[i].item() for i in rows]}): check which adapter's "
                         "g, A, B and s each row picks up")
@@ -200,8 +193,7 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
         V = weight.T + (alpha / r) * B @ A  # (out, in), as nn.Linear would hold it
         want = (m[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)).T
         setting = f"a Conv1D weight of shape ({in_f}, {out_f}) (in, out), r={r}"
-        _expect_conv1d_shape(got, want.shape, f"For {setting}, your merged weight",
-                             "the merged weight has the shape of the weight")
+        _expect_conv1d_shape(got, want.shape, f"For {setting}, your merged weight")
         got = got.double()
         if torch.allclose(got, want, atol=1e-8):
             continue
@@ -220,21 +212,19 @@ def check_dora_merge_conv1d(merge: Callable) -> None:
                                                 "have length m"),
             (V.T, "that merges LoRA: the output features keep LoRA's lengths, where DoRA gives each its m"),
         ]
-        hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, atol=1e-8)),
-                    "it is none of the usual slips (layout, axis, B A's orientation, the magnitude): work out one "
-                    "output feature by hand and compare")
+        hint = first_hint(wrong, lambda variant: torch.allclose(got, variant, atol=1e-8),
+                          "it is none of the usual slips (layout, axis, B A's orientation, the magnitude): work out "
+                          "one output feature by hand and compare")
         raise CheckFailed(f"For {setting}, your merged weight is off by up to "
                           f"{(got - want).abs().max().item():.3g}: {hint}.")
     passed("Correct: one norm per output feature, which is a column of Conv1D's (in, out) weight, and the "
            "result back in Conv1D's layout.")
 
 
-def _expect_conv1d_shape(got: torch.Tensor, shape: torch.Size, yours: str, expected: str) -> None:
+def _expect_conv1d_shape(got: torch.Tensor, shape: torch.Size, what: str) -> None:
     """Refuse a result in nn.Linear's (out, in) layout, or of any other wrong shape, saying which."""
-    if got.shape != shape:
-        hint = ("you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
-                if got.shape == shape[::-1] else f"{expected}, {tuple(shape)}")
-        raise CheckFailed(f"{yours} has shape {tuple(got.shape)}: {hint}.")
+    linear_layout = "you returned (out, in), nn.Linear's layout: transpose back, Conv1D stores (in, out)"
+    expect_shape(got, shape, what, {tuple(shape)[::-1]: linear_layout})
 
 
 def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
@@ -251,7 +241,7 @@ def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
         got = expect_tensor(call_learner(unmerge, merged.clone(), A.clone(), B.clone(), m.clone(), norm.clone(),
                                          alpha, r), "unmerge")
         setting = f"For a Conv1D weight of shape ({in_f}, {out_f}) (in, out), r={r}"
-        _expect_conv1d_shape(got, weight.shape, f"{setting}, your W0", "W0 has the shape of the merged weight")
+        _expect_conv1d_shape(got, weight.shape, f"{setting}, your W0")
         got = got.double()
         if torch.allclose(got, weight, atol=1e-8):
             continue
@@ -271,9 +261,9 @@ def check_dora_unmerge_conv1d(unmerge: Callable) -> None:
             (merged / factor - (alpha / r) * (B @ A) if in_f == out_f else None,
              "B A is (out, in): transpose it before subtracting it from the (in, out) weight"),
         ]
-        hint = next((h for v, h in wrong if v is not None and torch.allclose(got, v, atol=1e-8)),
-                    "it is none of the usual slips (axis, order, scale, layout): undo the merge of one output "
-                    "feature by hand and compare")
+        hint = first_hint(wrong, lambda v: torch.allclose(got, v, atol=1e-8),
+                          "it is none of the usual slips (axis, order, scale, layout): undo the merge of one output "
+                          "feature by hand and compare")
         raise CheckFailed(f"{setting}, your W0 is off by up to {(got - weight).abs().max().item():.3g}: {hint}.")
     passed("Correct: each output feature, a column of Conv1D's weight, divided by its m / norm, and then the "
            "update s B A taken away, in Conv1D's layout.")

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.checks.core import CheckFailed, call_learner, expect_shape, expect_tensor, first_hint, first_line, passed
 from lora_edu.numerics import matmul_tolerance
 
 __all__ = ["check_pool_bytes", "check_ragged_delta", "check_unpad_pool"]
@@ -63,15 +63,14 @@ def check_ragged_delta(ragged_delta: Callable) -> None:
         except RuntimeError as error:
             if "dtype" not in str(error).lower() and "type" not in str(error).lower():
                 raise
-            raise CheckFailed(f"ragged_delta raised PyTorch's error {str(error).splitlines()[0]!r}: the inputs here "
+            raise CheckFailed(f"ragged_delta raised PyTorch's error {first_line(error)!r}: the inputs here "
                               f"are {x.dtype}, so build the output with the inputs' dtype (x.new_zeros(...) or "
                               "dtype=x.dtype) and keep every product in it.") from None
         got = expect_tensor(got, "ragged_delta")
         want = _per_token(x, adapters, indices, scaling, pick=lambda i, t: None if i < 0 else i)
         setting = f"ranks {ranks} (stacked at rows {starts}), {len(indices)} tokens with indices {indices.tolist()}"
-        if got.shape != want.shape:
-            raise CheckFailed(f"For {setting}, the delta should have shape {tuple(want.shape)}, one row per token "
-                              f"with out = {d_out} features, but yours has {tuple(got.shape)}.")
+        expect_shape(got, want.shape, f"For {setting}, the delta",
+                     otherwise=f"one row per token, with out = {d_out} features")
         got = got.double()
         # float32 inputs: each entry is a chain of d_in then rank sums, within rounding of the float64 reference
         magnitude = max(float(s) * (b.abs() @ (a.abs() @ x.abs().T)).max().item()
@@ -97,8 +96,7 @@ def check_ragged_delta(ragged_delta: Callable) -> None:
         default = (f"tokens {bad_tokens} (adapters {sorted(set(indices[bad_tokens].tolist()))}) get a different "
                    "delta from their adapter's own A_i and B_i; find where adapter i's rows start and how many "
                    "it has")
-        hint = next((h for variant, h in wrong if variant is not None and torch.allclose(got, variant, rtol=0, atol=atol)),
-                    default)
+        hint = first_hint(wrong, lambda variant: torch.allclose(got, variant, rtol=0, atol=atol), default)
         raise CheckFailed(f"For {setting}, your delta is off by up to {(got - want).abs().max().item():.3g}: {hint}.")
     passed("Correct: every adapter computes its own delta from exactly its own rows of A_rows and columns of "
            "B_cols.")
@@ -195,21 +193,16 @@ def check_unpad_pool(unpad_pool: Callable) -> None:
         starts = _as_starts(got[2])
         want_A, want_B, want_starts = _unpad(A, B, ranks)
         total = sum(ranks)
-        if A_rows.shape != want_A.shape:
-            hint = (f"that keeps r_max = {r_max} rows for every adapter, padding included: how many rows does "
-                    "adapter i own?" if A_rows.shape == (n * r_max, d_in) else
-                    "A_rows stacks every adapter's rows of A, one after another")
-            raise CheckFailed(f"For {setting}, A_rows should have shape {tuple(want_A.shape)} (sum of ranks, in), "
-                              f"but yours has {tuple(A_rows.shape)}: {hint}.")
-        if B_cols.shape != want_B.shape:
-            if B_cols.shape == (n * r_max, d_out) or B_cols.shape == (total, d_out):
-                hint = "is B_cols (out, sum of ranks)? Along which of B's dimensions does an adapter's rank run?"
-            elif B_cols.shape == (d_out, n * r_max):
-                hint = f"that keeps r_max = {r_max} columns for every adapter: how many columns does adapter i own?"
-            else:
-                hint = "B_cols sets every adapter's columns of B side by side"
-            raise CheckFailed(f"For {setting}, B_cols should have shape {tuple(want_B.shape)} (out, sum of ranks), "
-                              f"but yours has {tuple(B_cols.shape)}: {hint}.")
+        expect_shape(A_rows, want_A.shape, f"For {setting}, A_rows, (sum of ranks, in),",
+                     {(n * r_max, d_in): f"that keeps r_max = {r_max} rows for every adapter, padding included: how "
+                                         "many rows does adapter i own?"},
+                     otherwise="A_rows stacks every adapter's rows of A, one after another")
+        transposed = "is B_cols (out, sum of ranks)? Along which of B's dimensions does an adapter's rank run?"
+        expect_shape(B_cols, want_B.shape, f"For {setting}, B_cols, (out, sum of ranks),",
+                     {(d_out, n * r_max): f"that keeps r_max = {r_max} columns for every adapter: how many columns "
+                                          "does adapter i own?",
+                      (n * r_max, d_out): transposed, (total, d_out): transposed},  # the transposes win a tie
+                     otherwise="B_cols sets every adapter's columns of B side by side")
         if starts is None or len(starts) != n:
             raise CheckFailed(f"For {setting}, starts should be {n} whole numbers, one per adapter: the row of "
                               f"A_rows where each adapter begins; got {got[2]!r}.")

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from lora_edu.checks._core import CheckFailed, call_learner, expect_tensor, passed
+from lora_edu.checks.core import CheckFailed, call_learner, expect_shape, expect_tensor, first_hint, passed
 from lora_edu.gpt2 import load_tiny
 from lora_edu.peft_family import PromptTuned, ScaleOutput, VeRALinear
 
@@ -62,16 +62,11 @@ def check_vera_merge(merge_vera: Callable) -> None:
                                   b.clone())
         answer = expect_tensor(answer, "merge_vera")
         setting = f"a layer from {fan_in} to {fan_out} features"
-        if answer.shape != weight.shape:
-            if answer.shape == weight.T.shape:
-                hint = "that is the transpose: an nn.Linear weight is (out, in), one row per output"
-            elif answer.shape == (B_shared.shape[0], A_shared.shape[1]):
-                hint = ("that is the size of the shared matrices, drawn for the largest layer: "
-                        "this layer uses only part of them")
-            else:
-                hint = "the merged weight replaces the layer's own, so it keeps the layer's shape"
-            raise CheckFailed(f"For {setting} the merged weight should have shape {tuple(weight.shape)}, got "
-                              f"{tuple(answer.shape)}: {hint}.")
+        expect_shape(answer, weight.shape, f"For {setting} the merged weight", {
+            (B_shared.shape[0], A_shared.shape[1]): ("that is the size of the shared matrices, drawn for the largest "
+                                                     "layer: this layer uses only part of them"),
+            tuple(weight.T.shape): "that is the transpose: an nn.Linear weight is (out, in), one row per output",
+        }, otherwise="the merged weight replaces the layer's own, so it keeps the layer's shape")
         got = x @ answer.double().T + layer.bias.detach()
         if torch.allclose(got, want, atol=1e-10):
             continue
@@ -90,8 +85,8 @@ def check_vera_merge(merge_vera: Callable) -> None:
             (weight, "nothing was added: the trained d and b must change the weight"),
         ]
         error = (got - want).abs().max().item()
-        hint = next((h for w, h in wrong if w is not None and torch.allclose(answer.double(), w, atol=1e-10)),
-                    "write VeRA's extra output as one matrix applied to x, and add that matrix to the weight")
+        hint = first_hint(wrong, lambda w: torch.allclose(answer.double(), w, atol=1e-10),
+                          "write VeRA's extra output as one matrix applied to x, and add that matrix to the weight")
         raise CheckFailed(f"For {setting} your merged layer's outputs are off by up to {error:.3g}: {hint}.")
     passed("Correct: VeRA's extra output is a rank-r matrix, diag(b) B diag(d) A with A and B sliced to "
            "the layer, so it adds to the weight like LoRA's B A; the three shapes all merge exactly.")
@@ -137,10 +132,9 @@ def check_ia3_merge(merge_ia3_into_qkv: Callable) -> None:
          "l_k goes with the keys (the second third) and l_v with the values (the last third)"),
         (weight, bias, "nothing was scaled: the merged layer must multiply the keys by l_k and the values by l_v"),
     ]
-    hint = next((h for w, b, h in candidates
-                 if torch.allclose(got, x @ w.T + b, atol=1e-10)),
-                "an nn.Linear weight is (out, in): an output feature is a row. Which rows make the keys, "
-                "and which the values?")
+    hint = first_hint(((x @ w.T + b, h) for w, b, h in candidates), lambda out: torch.allclose(got, out, atol=1e-10),
+                      "an nn.Linear weight is (out, in): an output feature is a row. Which rows make the keys, "
+                      "and which the values?")
     raise CheckFailed(f"Your merged layer's outputs are off by up to {(got - want).abs().max().item():.3g}: {hint}.")
 
 
@@ -159,11 +153,10 @@ def check_prompt_tuned_logits(prompt_tuned_logits: Callable) -> None:
                 got = call_learner(prompt_tuned_logits, model, reference.prompt.detach().clone(), idx)
             got = expect_tensor(got, "prompt_tuned_logits")
         setting = f"{n_virtual} virtual tokens before {shape[1]} real ones"
-        if got.shape != want.shape:
-            hint = ("return the logits of the real tokens only: the virtual tokens' own predictions are dropped"
-                    if got.shape[1] == shape[1] + n_virtual else "one row of logits per real token")
-            raise CheckFailed(f"With {setting} the logits should have shape {tuple(want.shape)}, got "
-                              f"{tuple(got.shape)}: {hint}.")
+        with_virtual = got.dim() > 1 and got.shape[1] == shape[1] + n_virtual
+        expect_shape(got, want.shape, f"With {setting} the logits",
+                     otherwise=("return the logits of the real tokens only: the virtual tokens' own predictions are "
+                                "dropped" if with_virtual else "one row of logits per real token"))
         if torch.allclose(got, want, atol=1e-4):
             continue
         with torch.no_grad():
@@ -177,9 +170,9 @@ def check_prompt_tuned_logits(prompt_tuned_logits: Callable) -> None:
                                        "n_virtual + T - 1): the prompt takes the first positions of the context"),
             (after[:, :shape[1]], "the virtual tokens go before the input, not after it"),
         ]
-        hint = next((h for w, h in wrong if w.shape == got.shape and torch.allclose(got, w, atol=1e-4)),
-                    "put the prompt before the tokens' embeddings, add position embeddings 0 .. n_virtual + T - 1, "
-                    "run every block, ln_f and lm_head, and keep the real tokens' logits")
+        hint = first_hint(wrong, lambda w: w.shape == got.shape and torch.allclose(got, w, atol=1e-4),
+                          "put the prompt before the tokens' embeddings, add position embeddings 0 .. n_virtual + T "
+                          "- 1, run every block, ln_f and lm_head, and keep the real tokens' logits")
         raise CheckFailed(f"With {setting} your logits are off by up to {(got - want).abs().max().item():.3g}: "
                           f"{hint}.")
     passed("Correct: the learned embeddings come first, take the first positions, and only the real tokens' "
