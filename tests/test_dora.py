@@ -1,17 +1,27 @@
 """DoRA: a fresh layer is its base, it equals PEFT's use_dora=True, merges exactly, and ΔM/ΔD are right."""
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
-from lora_edu.dora import DoRALinear, weight_decomposition
+from hf_models import small_hf_gpt2
+from lora_edu.dora import DoRALinear, adapted_weight, weight_decomposition
+from lora_edu.gpt2 import load_tiny
+from lora_edu.lora import add_lora, lora_layers, merge_lora
+from lora_edu.lora_layer import LoRALinear
+from lora_edu.nf4 import NF4Linear
+from lora_edu.peft_format import load_adapter, save_adapter
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
 
-from hf_models import small_hf_gpt2  # noqa: E402
+def base_layer(conv1d: bool, in_features: int, out_features: int) -> nn.Module:
+    """nn.Linear(in, out), or Hugging Face's GPT-2 Conv1D of the same shape (skipped without transformers)."""
+    if not conv1d:
+        return nn.Linear(in_features, out_features)
+    return pytest.importorskip("transformers.pytorch_utils").Conv1D(out_features, in_features)
 
 
 def trained(layer: DoRALinear, seed: int = 1) -> DoRALinear:
@@ -26,7 +36,7 @@ def trained(layer: DoRALinear, seed: int = 1) -> DoRALinear:
 @pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "Conv1D"])
 def test_a_fresh_dora_layer_is_its_base_and_the_magnitude_is_the_row_norm(conv1d):
     torch.manual_seed(0)
-    base = transformers.pytorch_utils.Conv1D(5, 7) if conv1d else nn.Linear(7, 5)
+    base = base_layer(conv1d, 7, 5)
     layer = DoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d)
     x = torch.randn(3, 7)
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=1e-6)
@@ -38,6 +48,7 @@ def test_a_fresh_dora_layer_is_its_base_and_the_magnitude_is_the_row_norm(conv1d
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("train", [False, True])
 def test_dora_equals_peft_use_dora_on_hf_gpt2(dropout, train):
+    peft = pytest.importorskip("peft")
     hf = small_hf_gpt2()
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True,
                              target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
@@ -79,12 +90,13 @@ def test_dora_equals_peft_use_dora_on_hf_gpt2(dropout, train):
 @pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "Conv1D"])
 def test_merge_and_unmerge_are_exact_inverses_on_a_non_square_weight(conv1d):
     torch.manual_seed(0)
-    base = transformers.pytorch_utils.Conv1D(12, 5) if conv1d else nn.Linear(5, 12)
+    base = base_layer(conv1d, 5, 12)
     original = base.weight.detach().clone()
     layer = trained(DoRALinear(base, r=3, alpha=6, fan_in_fan_out=conv1d))
     x = torch.randn(4, 5)
-    before = layer(x)
+    before, merged = layer(x), layer.merged_weight().detach().clone()
     layer.merge()
+    assert torch.equal(base.weight, merged)  # merged_weight says what merge writes
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(base(x), before, rtol=1e-5, atol=1e-6)  # the base layer alone now
     with pytest.raises(RuntimeError, match="already merged"):
@@ -109,13 +121,7 @@ def test_weight_decomposition_separates_magnitude_from_direction():
 
 
 def test_a_dora_adapter_round_trips_with_peft_in_both_directions(tmp_path):
-    import json
-
-    from safetensors.torch import load_file
-
-    from lora_edu.lora import add_lora, lora_layers, merge_lora
-    from lora_edu.peft_format import load_adapter, save_adapter
-
+    peft = pytest.importorskip("peft")
     hf = small_hf_gpt2()
     idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))
     ours = add_lora(copy.deepcopy(hf), ["c_attn", "c_proj"], r=4, alpha=8, use_dora=True)
@@ -140,16 +146,12 @@ def test_a_dora_adapter_round_trips_with_peft_in_both_directions(tmp_path):
     torch.testing.assert_close(merged(idx).logits, want, rtol=1e-4, atol=1e-5)
 
 
-def test_add_lora_use_dora_must_be_a_bool():
-    from lora_edu.lora import add_lora
-
+def test_add_lora_use_dora_must_be_a_bool(make_gpt2):
     with pytest.raises(TypeError, match="use_dora must be True or False"):
-        add_lora(small_hf_gpt2(), ["c_attn"], use_dora="yes")
+        add_lora(make_gpt2(), ["c_attn"], use_dora="yes")
 
 
 def test_qdora_takes_the_norm_of_the_dequantized_weight():
-    from lora_edu.nf4 import NF4Linear
-
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
     quantized = NF4Linear.from_linear(linear)
@@ -166,21 +168,18 @@ def test_qdora_takes_the_norm_of_the_dequantized_weight():
         qdora.merge()
 
 
-def test_adapted_weight_is_what_each_layer_computes_with():
-    from lora_edu.dora import adapted_weight
-    from lora_edu.lora import LoRALinear
-
+@pytest.mark.parametrize("conv1d", [False, True], ids=["Linear", "Conv1D"])
+def test_adapted_weight_is_what_each_layer_computes_with(conv1d):
     torch.manual_seed(0)
     x = torch.randn(4, 6)
-    for conv1d in (False, True):
-        base = transformers.pytorch_utils.Conv1D(5, 6) if conv1d else nn.Linear(6, 5)
-        for layer in (copy.deepcopy(base),
-                      LoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d),
-                      trained(DoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d))):
-            if isinstance(layer, LoRALinear) and not isinstance(layer, DoRALinear):
-                with torch.no_grad():
-                    layer.lora_B.weight.normal_()
-            torch.testing.assert_close(x @ adapted_weight(layer).T + base.bias, layer(x), rtol=1e-5, atol=1e-5)
+    base = base_layer(conv1d, 6, 5)
+    for layer in (copy.deepcopy(base),
+                  LoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d),
+                  trained(DoRALinear(copy.deepcopy(base), r=2, alpha=4, fan_in_fan_out=conv1d))):
+        if isinstance(layer, LoRALinear) and not isinstance(layer, DoRALinear):
+            with torch.no_grad():
+                layer.lora_B.weight.normal_()
+        torch.testing.assert_close(x @ adapted_weight(layer).T + base.bias, layer(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="layer must be"):
         adapted_weight(nn.ReLU())
 
@@ -189,7 +188,6 @@ def test_the_norm_keeps_nothing_for_backward():
     """Detached, the norm of W0 + s B A costs no memory in the backward pass: DoRA keeps two
     activations more than LoRA (the base and LoRA outputs it rescales), never a dense (out, in)
     matrix, which a norm that gradients pass through would keep."""
-    from lora_edu.lora import LoRALinear
     from lora_edu.memory import saved_activation_bytes
 
     torch.manual_seed(0)
@@ -202,20 +200,15 @@ def test_the_norm_keeps_nothing_for_backward():
     assert dora - lora < dense
 
 
-def test_a_peft_dora_adapter_whose_magnitude_does_not_fit_is_refused_and_changes_nothing(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    from lora_edu.lora import add_lora, lora_layers
-    from lora_edu.peft_format import load_adapter, save_adapter
-
-    hf = small_hf_gpt2()
-    save_adapter(add_lora(copy.deepcopy(hf), ["c_attn"], r=4, alpha=8, use_dora=True), tmp_path)
+def test_a_peft_dora_adapter_whose_magnitude_does_not_fit_is_refused_and_changes_nothing(tmp_path, make_gpt2):
+    """Under PEFT's key for it (lora_magnitude_vector), a magnitude one output feature short."""
+    save_adapter(add_lora(make_gpt2(), ["c_attn"], r=4, alpha=8, use_dora=True), tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     state = load_file(str(path))
     key = "base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"
     state[key] = state[key][:-1]  # one output feature short
     save_file(state, str(path))
-    model = copy.deepcopy(hf)
+    model = make_gpt2()
     with pytest.raises(ValueError, match=r"h\.0\.attn\.c_attn\.magnitude: adapter has shape"):
         load_adapter(model, tmp_path)
     assert not lora_layers(model)
@@ -223,9 +216,6 @@ def test_a_peft_dora_adapter_whose_magnitude_does_not_fit_is_refused_and_changes
 
 
 def test_dora_on_a_layer_it_cannot_wrap_is_refused_and_changes_nothing():
-    from lora_edu.gpt2 import load_tiny
-    from lora_edu.lora import add_lora, lora_layers
-
     model = load_tiny()
     with pytest.raises(TypeError, match=r"not: transformer\.wte \(Embedding\)"):
         add_lora(model, ["transformer.wte", "c_attn"], r=4, alpha=8, use_dora=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hf_models import small_hf_gpt2
-from lora_edu.gpt2 import GPT2, GPT2Config, generate
+from lora_edu.gpt2 import generate
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.peft_format import load_adapter, save_adapter
 from lora_edu.serving import MultiAdapterModel, MultiLoRALinear, dora_scale, gather_bmm, lora_loop, segments, sgmv
@@ -89,11 +89,6 @@ def test_bad_pools_and_indices_are_refused_by_name(kernel, change, message):
 
 # --- MultiAdapterModel ---
 
-def tiny_gpt2(seed=0, n_embd=32):
-    torch.manual_seed(seed)
-    return GPT2(GPT2Config(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=n_embd, dropout=0.0)).eval()
-
-
 def trained_adapter(base, folder, targets, r, alpha, seed, use_rslora=False, use_dora=False):
     """An adapter that looks trained: B nonzero and, for DoRA, magnitudes moved off ||W0||."""
     model = add_lora(copy.deepcopy(base), targets, r=r, alpha=alpha, use_rslora=use_rslora, use_dora=use_dora)
@@ -108,8 +103,8 @@ def trained_adapter(base, folder, targets, r, alpha, seed, use_rslora=False, use
 
 
 @pytest.fixture
-def ours(tmp_path):
-    base = tiny_gpt2()
+def ours(tmp_path, make_gpt2):
+    base = make_gpt2()
     adapters = {
         "poetry": trained_adapter(base, tmp_path / "poetry", "all-linear", r=4, alpha=8, seed=1),
         "legal": trained_adapter(base, tmp_path / "legal", ["attn.c_attn"], r=2, alpha=4, seed=2),
@@ -130,7 +125,7 @@ KERNELS = ["gather_bmm", "sgmv", "loop"]
 
 def served_equals_each_alone(base, adapters, names, kernel, seed):
     """Serve ``names`` as one batch and check each row against its adapter loaded alone."""
-    idx = torch.randint(0, 64, (len(names), 12), generator=torch.Generator().manual_seed(seed))
+    idx = torch.randint(0, 50, (len(names), 12), generator=torch.Generator().manual_seed(seed))
     served = MultiAdapterModel(copy.deepcopy(base), adapters, kernel=kernel).eval()
     with torch.no_grad():
         logits = served(idx, names)
@@ -152,7 +147,7 @@ def test_a_mixed_batch_equals_each_adapter_served_alone(ours, kernel):
 def test_generate_gives_each_row_its_adapters_continuation(ours):
     base, adapters = ours
     names = ["legal", None, "poetry"]
-    idx = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(5))
+    idx = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(5))
     served = MultiAdapterModel(copy.deepcopy(base), adapters).eval()
     out = served.generate(idx, names, 6, top_k=1)  # greedy: no sampling noise between the two runs
     for row, name in enumerate(names):
@@ -173,7 +168,7 @@ def test_the_pool_holds_every_adapter_once_padded_to_the_largest_rank(ours):
                                       for p in served.pools().values())
 
 
-def test_bad_requests_and_bad_adapters_get_clear_errors(ours, tmp_path):
+def test_bad_requests_and_bad_adapters_get_clear_errors(ours, tmp_path, make_gpt2):
     base, adapters = ours
     served = MultiAdapterModel(copy.deepcopy(base), adapters)
     idx = torch.zeros(2, 4, dtype=torch.long)
@@ -183,7 +178,7 @@ def test_bad_requests_and_bad_adapters_get_clear_errors(ours, tmp_path):
         served(idx, ["poetry"])
     with pytest.raises(ValueError, match="rank above the pool's max_rank=4"):
         MultiAdapterModel(copy.deepcopy(base), adapters, max_rank=4)
-    other = trained_adapter(tiny_gpt2(n_embd=16), tmp_path / "other", ["attn.c_attn"], r=2, alpha=4, seed=6)
+    other = trained_adapter(make_gpt2(n_embd=16), tmp_path / "other", ["attn.c_attn"], r=2, alpha=4, seed=6)
     with pytest.raises(ValueError, match="another base model"):
         MultiAdapterModel(copy.deepcopy(base), {"other": other})
     with pytest.raises(ValueError, match="already has LoRA layers"):
@@ -203,6 +198,19 @@ def test_a_refused_adapter_leaves_the_base_model_unchanged(ours, tmp_path):
     with pytest.raises(ValueError, match="targets 'c_attention'"):
         MultiAdapterModel(model, {**adapters, "broken": broken})
     assert [n for n, _ in model.named_modules()] == [n for n, _ in base.named_modules()]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(peft_type="IA3"), r"adapter 'legal' holds a 'IA3' adapter, not LORA"),
+    (dict(rank_pattern={"c_attn": 4}), r"adapter 'legal' uses rank_pattern=.*which lora_edu does not support"),
+])
+def test_an_adapter_of_another_kind_is_refused_by_its_name(ours, tmp_path, changes, message):
+    """The checks of load_adapter (lora_edu.peft_format.read_adapter), naming the adapter served."""
+    base, adapters = ours
+    config = json.loads((adapters["legal"] / "adapter_config.json").read_text())
+    (adapters["legal"] / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(ValueError, match=message):
+        MultiAdapterModel(copy.deepcopy(base), adapters)
 
 
 def test_equal_to_peft_mixed_batch_inference_on_hf_gpt2(tmp_path):
@@ -408,6 +416,7 @@ def test_hf_generate_gives_every_beam_and_returned_sequence_its_rows_adapter(tmp
 
 
 def test_hf_generate_refuses_a_bad_beam_count_by_name(tmp_path):
+    pytest.importorskip("transformers")
     hf = small_hf_gpt2()
     folders = {"a": trained_adapter(hf, tmp_path / "a", ["c_attn"], r=2, alpha=4, seed=7)}
     served = MultiAdapterModel(copy.deepcopy(hf), folders).eval()
@@ -415,12 +424,12 @@ def test_hf_generate_refuses_a_bad_beam_count_by_name(tmp_path):
         served.generate(torch.ones(1, 3, dtype=torch.long), ["a"], max_new_tokens=2, num_beams=0)
 
 
-def test_every_refusal_of_multi_adapter_model_leaves_the_base_model_unchanged(ours, tmp_path):
+def test_every_refusal_of_multi_adapter_model_leaves_the_base_model_unchanged(ours, tmp_path, make_gpt2):
     """Tensors, requires_grad flags, module types and modes, for each way the constructor refuses."""
     from unchanged import assert_unchanged, snapshot
 
     base, adapters = ours
-    other = trained_adapter(tiny_gpt2(n_embd=16), tmp_path / "other", ["attn.c_attn"], r=2, alpha=4, seed=6)
+    other = trained_adapter(make_gpt2(n_embd=16), tmp_path / "other", ["attn.c_attn"], r=2, alpha=4, seed=6)
     refusals = [
         (dict(adapters=adapters, max_rank=4), "rank above"),
         (dict(adapters={"other": other}), "another base model"),
