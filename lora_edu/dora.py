@@ -146,7 +146,8 @@ def adapted_weight(layer: nn.Module) -> torch.Tensor:
         return layer.weight.detach().float()
     if is_conv1d(layer):  # GPT-2's, stored (in, out)
         return layer.weight.detach().T.float()
-    raise TypeError(f"layer must be nn.Linear, a GPT-2 Conv1D, a LoRALinear or a DoRALinear, got {type(layer).__name__}")
+    raise TypeError(f"layer must be nn.Linear, a GPT-2 Conv1D, a LoRALinear or a DoRALinear, "
+                    f"got {type(layer).__name__}")
 
 
 def weight_decomposition(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:

@@ -155,7 +155,8 @@ def _setting(layer: LoRALinear, attribute: str):
 def _shared_setting(layers: dict[str, LoRALinear], attribute: str):
     values = {_setting(layer, attribute) for layer in layers.values()}
     if len(values) != 1:
-        raise ValueError(f"the LoRA layers differ in {attribute} ({sorted(values)}); one adapter file holds one setting")
+        raise ValueError(f"the LoRA layers differ in {attribute} ({sorted(values)}); "
+                         "one adapter file holds one setting")
     return values.pop()
 
 
