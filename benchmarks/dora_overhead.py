@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, merge_lora
-from lora_edu.qlora import saved_activation_bytes
+from lora_edu.memory import saved_activation_bytes
 from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "dora_overhead.json", "cpu": RESULTS_DIR / "dora_overhead_cpu.json"}

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from lora_edu.adapters import adapter_parameters, add_serial_adapters
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters, merge_lora
+from lora_edu.peft_family import adapter_parameters, add_serial_adapters
 from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "lora_latency.json", "cpu": RESULTS_DIR / "lora_latency_cpu.json"}

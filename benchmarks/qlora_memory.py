@@ -41,13 +41,13 @@ import torch.nn as nn
 
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, lora_layers
+from lora_edu.memory import saved_activation_bytes
 from lora_edu.qlora import (
     QLORA_LORA,
     compute_dtype_for,
     make_optimizer,
     prepare_for_kbit_training,
     quantize_model,
-    saved_activation_bytes,
 )
 from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 

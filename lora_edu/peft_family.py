@@ -1,4 +1,4 @@
-"""LoRA's relatives, on the book's GPT2: BitFit, (IA)³, prompt tuning, prefix tuning and VeRA.
+"""LoRA's relatives, on the book's GPT2: BitFit, (IA)³, prompt and prefix tuning, VeRA, serial adapters.
 
 Each is small enough to read, and each says whether it can be merged into the model's
 weights (then serving costs nothing extra) or not:
@@ -17,10 +17,15 @@ weights (then serving costs nothing extra) or not:
 - **VeRA** (Kopiczko et al., 2024) is LoRA with A and B frozen, random and shared by every
   layer; each layer trains only two vectors, ``d`` (one per rank) and ``b`` (one per
   output), in ``b * B (d * (A x))``. Its update is a matrix like LoRA's, so it merges.
+- **Serial adapters** (Houlsby et al., 2019), the method LoRA is measured against, put a
+  small network ``y + up(gelu(down(y)))`` *after* a sublayer. ``up`` starts at zero, so a
+  fresh adapter is the identity, as LoRA's B = 0 is. In series with the model and
+  nonlinear, it cannot merge, and every forward pass waits for it: the latency the LoRA
+  paper's Table 1 measures.
 
-Serial adapters are :mod:`lora_edu.adapters`; LoRA and DoRA are :mod:`lora_edu.lora`
-and :mod:`lora_edu.dora`. :func:`merge_peft` merges what can be merged and refuses the
-rest by name.
+LoRA and DoRA are :mod:`lora_edu.lora` and :mod:`lora_edu.dora`. :func:`merge_peft` merges
+what can be merged and refuses the rest by name. One method per model: each ``add_*``
+refuses a model that already holds another method's layers.
 """
 
 from __future__ import annotations
@@ -31,63 +36,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_edu.adapters import SerialAdapter
+from lora_edu.gpt2 import GPT2
+from lora_edu.lora_layer import LoRALinear
+from lora_edu.plumbing import check_int, check_seed, replace_module
+from lora_edu.serving import MultiLoRALinear
 
 __all__ = [
     "PrefixAttention",
     "PromptTuned",
     "ScaleInput",
     "ScaleOutput",
+    "SerialAdapter",
     "VeRALinear",
+    "adapter_parameters",
     "add_bitfit",
     "add_ia3",
     "add_prefix_tuning",
+    "add_serial_adapters",
     "add_vera",
     "merge_peft",
     "vera_projections",
 ]
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The blocks of the book's GPT2; anything else is refused before it is touched."""
-    from lora_edu.gpt2 import GPT2  # lora_edu.gpt2 imports nothing of the family
-
-    if not isinstance(model, GPT2):
-        hint = (" (a Hugging Face GPT-2, whose layers are Conv1D: use PEFT's IA3Config, PromptTuningConfig, "
-                "PrefixTuningConfig or VeraConfig there)" if hasattr(getattr(model, "config", None), "n_embd") else "")
-        raise TypeError(f"model must be a lora_edu GPT2, got {type(model).__name__}{hint}")
-    return model.transformer.h
-
-
-def _method_layers(model: nn.Module) -> dict[str, list[str]]:
-    """Which fine-tuning method's layers the model already holds, by method: {method: [module names]}."""
-    from lora_edu.lora_layer import LoRALinear
-    from lora_edu.serving import MultiLoRALinear
-
-    kinds = ((LoRALinear, "LoRA"), (MultiLoRALinear, "a multi-adapter pool"), (ScaleOutput, "(IA)³"),
-             (ScaleInput, "(IA)³"), (VeRALinear, "VeRA"), (PrefixAttention, "prefix tuning"),
-             (SerialAdapter, "serial adapters"))
-    found: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
-        for kind, method in kinds:
-            if isinstance(module, kind):
-                found.setdefault(method, []).append(name)
-    return found
-
-
-def _refuse_other_methods(model: nn.Module, method: str) -> None:
-    """One method per model: a second one would wrap (and freeze) the first one's layers."""
-    found = _method_layers(model)
-    if found:
-        described = "; ".join(f"{kind} ({names[0]}{', ...' if len(names) > 1 else ''})"
-                              for kind, names in found.items())
-        raise ValueError(f"model already has fine-tuning layers: {described}; add {method} to a fresh copy of "
-                         "the base model (or merge the others first); the model was left unchanged")
-
-
-def _freeze(model: nn.Module) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
 
 
 def add_bitfit(model: nn.Module) -> nn.Module:
@@ -117,8 +86,12 @@ class ScaleOutput(nn.Module):
         return torch.cat([out[..., : self.start], out[..., self.start:] * self.scale], dim=-1)
 
     @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """The plain layer that computes the same: rows of W (and entries of b) rescaled."""
+    def fold_into_base(self) -> nn.Linear:
+        """Rescale the wrapped layer's rows of W (and entries of b) in place, and return that layer.
+
+        The layer then computes alone what this wrapper computed, and the wrapper is spent:
+        it would rescale twice. Unlike ``LoRALinear.merge``, nothing here can be undone.
+        """
         layer = self.layer
         layer.weight[self.start:] *= self.scale[:, None]
         if layer.bias is not None:
@@ -140,8 +113,8 @@ class ScaleInput(nn.Module):
         return self.layer(x * self.scale)
 
     @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """The plain layer that computes the same: columns of W rescaled."""
+    def fold_into_base(self) -> nn.Linear:
+        """Rescale the wrapped layer's columns of W in place, and return that layer (this wrapper is spent)."""
         self.layer.weight *= self.scale[None, :]
         return self.layer
 
@@ -175,9 +148,8 @@ class PromptTuned(nn.Module):
         super().__init__()
         _blocks(model)
         _refuse_other_methods(model, "prompt tuning")
-        if isinstance(n_virtual, bool) or not isinstance(n_virtual, int) or not 0 < n_virtual < model.config.block_size:
-            raise ValueError(f"n_virtual must be an int in [1, block_size), got {n_virtual!r}")
-        _check_seed(seed)
+        check_int(n_virtual, "n_virtual", below=model.config.block_size, below_name="block_size")
+        check_seed(seed)
         _freeze(model)
         self.model, self.n_virtual = model, n_virtual
         tokens = torch.randint(0, model.config.vocab_size, (n_virtual,), generator=torch.Generator().manual_seed(seed))
@@ -215,8 +187,7 @@ class PrefixAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, n_prefix: int, seed: int = 0):
         super().__init__()
-        if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or n_prefix <= 0:
-            raise ValueError(f"n_prefix must be a positive int, got {n_prefix!r}")
+        check_int(n_prefix, "n_prefix")
         self.attn, self.n_prefix = attn, n_prefix
         width = attn.c_proj.in_features
         g = torch.Generator().manual_seed(seed)
@@ -250,9 +221,8 @@ def add_prefix_tuning(model: nn.Module, n_prefix: int, seed: int = 0) -> nn.Modu
     """
     blocks = _blocks(model)
     _refuse_other_methods(model, "prefix tuning")
-    if isinstance(n_prefix, bool) or not isinstance(n_prefix, int) or not 0 < n_prefix < model.config.block_size:
-        raise ValueError(f"n_prefix must be a positive int below block_size, got {n_prefix!r}")
-    _check_seed(seed)
+    check_int(n_prefix, "n_prefix", below=model.config.block_size, below_name="block_size")
+    check_seed(seed)
     keys_values = []
     hooks = [block.attn.c_attn.register_forward_hook(lambda m, i, out: keys_values.append(out.detach()[0]))
              for block in blocks]
@@ -320,8 +290,8 @@ class VeRALinear(nn.Module):
         return self.layer(x) + self.b * F.linear(self.d * F.linear(x, self.A), self.B)
 
     @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """The plain layer that computes the same: W + diag(b) B diag(d) A."""
+    def fold_into_base(self) -> nn.Linear:
+        """Add diag(b) B diag(d) A to the wrapped layer's W in place, and return that layer (this wrapper is spent)."""
         self.layer.weight += (self.b[:, None] * self.B) @ (self.d[:, None] * self.A)
         return self.layer
 
@@ -337,14 +307,13 @@ def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int =
     (PEFT's ``projection_prng_key``); with the same seed and targets this is PEFT's ``VeraConfig``.
     """
     blocks = _blocks(model)
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+    check_int(r, "r")
     if isinstance(targets, str) or not targets or any(t not in VERA_TARGETS for t in targets):
         raise ValueError(f"targets must be a non-empty list of names from {VERA_TARGETS}, got {targets!r}")
     twice = sorted({t for t in targets if list(targets).count(t) > 1})
     if twice:
         raise ValueError(f"targets names {', '.join(map(repr, twice))} twice; name each layer once")
-    _check_seed(seed)
+    check_seed(seed)
     _refuse_other_methods(model, "VeRA")
     layers = [(block, name) for block in blocks for name in targets]
     shapes = [block.get_submodule(name).weight.shape for block, name in layers]
@@ -353,18 +322,65 @@ def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int =
     vera = [VeRALinear(block.get_submodule(name), A, B, d_initial) for block, name in layers]
     _freeze(model)
     for (block, name), layer in zip(layers, vera):
-        _replace(block, name, layer)
+        replace_module(block, name, layer)
     return model
 
 
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+# ----------------------------------------------------------------------------------------
+# Serial adapters
+# ----------------------------------------------------------------------------------------
+
+# Houlsby et al. put one adapter after the attention and one after the MLP of every block
+# (the LoRA paper's Adapter^H); Lin et al. (2020) one after the MLP only (Adapter^L).
+ADAPTER_SUBLAYERS = ("attn", "mlp")
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+class SerialAdapter(nn.Module):
+    """``sublayer`` followed by a bottleneck adapter: y + up(gelu(down(y))), y = sublayer(x)."""
+
+    def __init__(self, sublayer: nn.Module, d: int, bottleneck: int):
+        super().__init__()
+        check_int(d, "d")
+        check_int(bottleneck, "bottleneck")
+        self.sublayer, self.down, self.up = sublayer, nn.Linear(d, bottleneck), nn.Linear(bottleneck, d)
+        nn.init.zeros_(self.up.weight), nn.init.zeros_(self.up.bias)  # starts as the identity, like B = 0
+
+    def forward(self, x):
+        y = self.sublayer(x)
+        return y + self.up(F.gelu(self.down(y)))
+
+
+def add_serial_adapters(model: nn.Module, bottleneck: int,
+                        sublayers: tuple[str, ...] = ADAPTER_SUBLAYERS) -> nn.Module:
+    """Wrap the named sublayers of every block of a lora_edu GPT2 in adapters (in place).
+
+    ``sublayers=("attn", "mlp")`` is Houlsby's placement (Adapter^H), ``("mlp",)`` Lin et
+    al.'s (Adapter^L, without its extra LayerNorm). Only the adapters are left trainable.
+    """
+    blocks = _blocks(model)
+    check_int(bottleneck, "bottleneck")
+    if isinstance(sublayers, str) or not sublayers or any(name not in ADAPTER_SUBLAYERS for name in sublayers):
+        raise ValueError(f"sublayers must be a non-empty list of names from {ADAPTER_SUBLAYERS}, got {sublayers!r}")
+    if len(set(sublayers)) != len(sublayers):
+        raise ValueError(f"sublayers names a sublayer twice: {sublayers!r}; name each once")
+    _refuse_other_methods(model, "serial adapters")
+    width = model.config.n_embd
+    adapters = {}
+    for i, block in enumerate(blocks):  # every adapter built before any is put in
+        for name in sublayers:
+            sublayer = getattr(block, name)
+            param = next(sublayer.parameters())
+            adapters[i, name] = SerialAdapter(sublayer, width, bottleneck).to(param.device, param.dtype)
+    _freeze(model)
+    for (i, name), adapter in adapters.items():
+        replace_module(blocks[i], name, adapter)
+    return model
+
+
+def adapter_parameters(model: nn.Module) -> int:
+    """How many parameters the serial adapters in ``model`` hold."""
+    adapters = [m for m in model.modules() if isinstance(m, SerialAdapter)]
+    return sum(p.numel() for m in adapters for p in (*m.down.parameters(), *m.up.parameters()))
 
 
 def merge_peft(model: nn.Module) -> nn.Module:
@@ -387,5 +403,47 @@ def merge_peft(model: nn.Module) -> nn.Module:
     mergeable = [(name, module) for name, module in model.named_modules()
                  if isinstance(module, (ScaleOutput, ScaleInput, VeRALinear))]
     for name, module in mergeable:  # each wraps a linear layer, which it rewrites and hands back
-        _replace(model, name, module.merged())
+        replace_module(model, name, module.fold_into_base())
     return model
+
+
+# ----------------------------------------------------------------------------------------
+# What every method checks first
+# ----------------------------------------------------------------------------------------
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    """The blocks of the book's GPT2; anything else is refused before it is touched."""
+    if not isinstance(model, GPT2):
+        hint = (" (a Hugging Face GPT-2, whose layers are Conv1D: use PEFT's IA3Config, PromptTuningConfig, "
+                "PrefixTuningConfig or VeraConfig there)" if hasattr(getattr(model, "config", None), "n_embd") else "")
+        raise TypeError(f"model must be a lora_edu GPT2, got {type(model).__name__}{hint}")
+    return model.transformer.h
+
+
+def _method_layers(model: nn.Module) -> dict[str, list[str]]:
+    """Which fine-tuning method's layers the model already holds, by method: {method: [module names]}."""
+    kinds = ((LoRALinear, "LoRA"), (MultiLoRALinear, "a multi-adapter pool"), (ScaleOutput, "(IA)³"),
+             (ScaleInput, "(IA)³"), (VeRALinear, "VeRA"), (PrefixAttention, "prefix tuning"),
+             (SerialAdapter, "serial adapters"))
+    found: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        for kind, method in kinds:
+            if isinstance(module, kind):
+                found.setdefault(method, []).append(name)
+    return found
+
+
+def _refuse_other_methods(model: nn.Module, method: str) -> None:
+    """One method per model: a second one would wrap (and freeze) the first one's layers."""
+    found = _method_layers(model)
+    if found:
+        described = "; ".join(f"{kind} ({names[0]}{', ...' if len(names) > 1 else ''})"
+                              for kind, names in found.items())
+        raise ValueError(f"model already has fine-tuning layers: {described}; add {method} to a fresh copy of "
+                         "the base model (or merge the others first); the model was left unchanged")
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)

@@ -13,20 +13,19 @@ The recipe, in the order Chapter 5 applies it:
 5. For deployment, :func:`merge_and_dequantize` (exact) or :func:`merge_and_requantize`
    (4 bits again: the outputs change, and :func:`output_change` says by how much).
 
-:func:`memory_breakdown` computes where the bytes go; :func:`saved_activation_bytes`
-measures what autograd keeps for the backward pass, on any device.
+Where the bytes go, computed and measured, is :mod:`lora_edu.memory`.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn as nn
 
-from lora_edu.lora import lora_layers, merge_lora, name_matches as _name_matches  # public in lora
-from lora_edu.lora_layer import is_conv1d as _is_conv1d, is_quantized  # public in lora_layer
-from lora_edu.nf4 import NF4Linear, _check_blocksize, _check_weight, bits_per_parameter, check_compute_dtype, dequantize_nf4
+from lora_edu.lora import lora_layers, merge_lora, name_matches
+from lora_edu.lora_layer import is_conv1d, is_quantized
+from lora_edu.nf4 import NF4Linear, check_blocksize, check_compute_dtype, check_weight, dequantize_nf4
+from lora_edu.plumbing import replace_module
+from lora_edu.train import weight_decay_groups
 
 __all__ = [
     "BACKENDS",
@@ -34,17 +33,13 @@ __all__ = [
     "compute_dtype_for",
     "dequantize_layer",
     "dequantize_model",
-    "LLAMA_SHAPES",
-    "llama_skeleton",
     "make_optimizer",
-    "memory_breakdown",
     "merge_and_dequantize",
     "merge_and_requantize",
     "output_change",
     "prepare_for_kbit_training",
     "quantize_model",
     "quantized_layers",
-    "saved_activation_bytes",
 ]
 
 BACKENDS = ("lora_edu", "bitsandbytes")
@@ -139,7 +134,7 @@ def quantize_model(
         raise ValueError("model already has LoRA layers; quantize the base first, then add_lora (QLoRA's order)")
     if isinstance(model, nn.Linear):
         raise TypeError("model is itself a linear layer; quantize it directly: NF4Linear.from_linear(layer)")
-    conv1d = [name for name, m in model.named_modules() if _is_conv1d(m)]
+    conv1d = [name for name, m in model.named_modules() if is_conv1d(m)]
     if conv1d:
         raise TypeError(
             f"model has Hugging Face Conv1D layers ({conv1d[0]!r}, ...), whose weight is (in, out); "
@@ -147,11 +142,11 @@ def quantize_model(
         )
     chosen = [
         name for name, m in model.named_modules()
-        if type(m) is nn.Linear and not any(_name_matches(name, e) for e in exclude)
+        if type(m) is nn.Linear and not any(name_matches(name, e) for e in exclude)
     ]
     if not chosen:
         raise ValueError(f"model has no nn.Linear layers to quantize (excluding {list(exclude)})")
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
     # Check every weight, then quantize every layer, then replace them: a refusal leaves the
@@ -159,7 +154,7 @@ def quantize_model(
     # then spreads them to the whole tensor: both backends refuse them here.
     for name in chosen:
         try:
-            _check_weight(model.get_submodule(name).weight, f"{name}.weight")
+            check_weight(model.get_submodule(name).weight, f"{name}.weight")
         except (TypeError, ValueError) as err:
             raise type(err)(f"{err}; nothing was quantized, the model was left unchanged") from None
     quantized = {
@@ -167,7 +162,7 @@ def quantize_model(
         for name in chosen
     }
     for name, layer in quantized.items():
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
     return model
 
 
@@ -207,21 +202,13 @@ def dequantize_layer(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn
     return linear
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    if not name:
-        return module
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-    return model
-
-
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every 4-bit layer by its dequantized ``nn.Linear``, in place (LoRA layers stay)."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("model has no 4-bit layers to dequantize")
     for name, layer in layers.items():
-        model = _replace(model, name, dequantize_layer(layer, dtype))
+        model = _swapped(model, name, dequantize_layer(layer, dtype))
     return model
 
 
@@ -258,7 +245,15 @@ def merge_and_requantize(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             linear.weight += layer.delta_weight().float()
         quantized = _quantize_linear(linear, **settings)
-        model = _replace(model, name, quantized)
+        model = _swapped(model, name, quantized)
+    return model
+
+
+def _swapped(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """``model`` with its submodule ``name`` replaced by ``new``; ``new`` itself where ``model`` is that layer."""
+    if not name:
+        return new
+    replace_module(model, name, new)
     return model
 
 
@@ -323,7 +318,8 @@ def prepare_for_kbit_training(
             p.data = p.data.float()
     if gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
-            raise TypeError(f"a {type(model).__name__} has no gradient_checkpointing_enable(); pass gradient_checkpointing=False")
+            raise TypeError(f"a {type(model).__name__} has no gradient_checkpointing_enable(); "
+                            "pass gradient_checkpointing=False")
         if hasattr(model, "activation_checkpointing_enable"):  # Hugging Face 5.x's name; the old one is deprecated
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         elif hasattr(model, "get_input_embeddings"):  # Hugging Face before the rename
@@ -357,150 +353,9 @@ def make_optimizer(
             "between GPU and CPU memory. Here, use paged=False (torch.optim.AdamW), "
             "the fallback paged=None picks"
         )
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = weight_decay_groups(model, weight_decay)  # as train's AdamW: matrices decay, vectors do not
     if paged:
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW32bit(groups, lr=lr)  # QLoRA's "paged_adamw_32bit"
     return torch.optim.AdamW(groups, lr=lr)
-
-
-# ----------------------------------------------------------------------------------------
-# Where the memory goes
-# ----------------------------------------------------------------------------------------
-
-METHODS = ("full", "lora", "qlora")
-
-
-def memory_breakdown(model: nn.Module, method: str, r: int = QLORA_LORA["r"], dq_blocksize: int = 256) -> dict[str, int]:
-    """Bytes of weights, LoRA parameters, gradients and Adam states to fine-tune ``model``.
-
-    ``model`` is a plain model (its shapes are what count; a model on the ``meta`` device
-    costs nothing to build). The recipes, as this book trains them:
-
-    - ``"full"``: every parameter in float32, with a float32 gradient and two float32 Adam
-      states: 16 bytes per parameter.
-    - ``"lora"``: a bfloat16 base (2 bytes per parameter), float32 adapters of rank ``r`` on
-      every linear layer but the output head, each with gradient and Adam states.
-    - ``"qlora"``: the linear layers in NF4 with double quantization (4.127 bits), the
-      other parameters in float32 (as :func:`prepare_for_kbit_training` leaves them),
-      adapters as in ``"lora"``.
-
-    Activations depend on batch, length and checkpointing: measure them with
-    :func:`saved_activation_bytes`.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-    linear = [m for name, m in model.named_modules() if type(m) is nn.Linear and not name.endswith("lm_head")]
-    if not linear:
-        raise ValueError("model has no nn.Linear layers besides the output head")
-    n_total = sum(p.numel() for p in model.parameters())
-    n_linear = sum(m.weight.numel() for m in linear)
-    n_other = n_total - n_linear
-    if method == "full":
-        return {"weights": 4 * n_total, "lora": 0, "gradients": 4 * n_total, "optimizer": 8 * n_total}
-    n_lora = sum(r * (m.in_features + m.out_features) for m in linear)
-    if method == "lora":
-        weights = 2 * n_total
-    else:
-        weights = round(n_linear * bits_per_parameter(64, True, dq_blocksize) / 8) + 4 * n_other
-    return {"weights": weights, "lora": 4 * n_lora, "gradients": 4 * n_lora, "optimizer": 8 * n_lora}
-
-
-# The shapes of Llama 1 (Touvron et al., 2023, Table 2; vocabulary 32,000): width, MLP
-# width (SwiGLU), blocks. Attention is multi-head, so q, k, v and o are all d x d.
-LLAMA_SHAPES: dict[str, tuple[int, int, int]] = {
-    "7B": (4096, 11008, 32),
-    "13B": (5120, 13824, 40),
-    "33B": (6656, 17920, 60),
-    "65B": (8192, 22016, 80),
-}
-
-
-class _LlamaBlock(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.input_layernorm = nn.RMSNorm(d)
-        self.self_attn = nn.Module()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self.self_attn, name, nn.Linear(d, d, bias=False))
-        self.post_attention_layernorm = nn.RMSNorm(d)
-        self.mlp = nn.Module()
-        self.mlp.gate_proj = nn.Linear(d, hidden, bias=False)
-        self.mlp.up_proj = nn.Linear(d, hidden, bias=False)
-        self.mlp.down_proj = nn.Linear(hidden, d, bias=False)
-
-
-def llama_skeleton(size: str, vocab_size: int = 32_000) -> nn.Module:
-    """A Llama-style model's parameters on the ``meta`` device: shapes only, no memory.
-
-    ``size`` is a key of :data:`LLAMA_SHAPES` ("7B", "13B", "33B", "65B"). The module
-    names follow Hugging Face's ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``,
-    ``mlp.gate_proj``, ...; linear layers without bias; RMSNorm weights; an untied
-    ``lm_head``), so :func:`memory_breakdown` and ``add_lora`` see what they would see on
-    the real model. It has no ``forward``: it is for counting, not for running.
-    """
-    if size not in LLAMA_SHAPES:
-        raise ValueError(f"size must be one of {list(LLAMA_SHAPES)}, got {size!r}")
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    d, hidden, n_layer = LLAMA_SHAPES[size]
-    with torch.device("meta"):
-        skeleton = nn.Module()
-        skeleton.model = nn.Module()
-        skeleton.model.embed_tokens = nn.Embedding(vocab_size, d)
-        skeleton.model.layers = nn.ModuleList(_LlamaBlock(d, hidden) for _ in range(n_layer))
-        skeleton.model.norm = nn.RMSNorm(d)
-        skeleton.lm_head = nn.Linear(d, vocab_size, bias=False)
-    return skeleton
-
-
-class _SavedToken:
-    """What the autograd graph holds in place of a tensor while saved_activation_bytes measures."""
-
-    __slots__ = ("__weakref__",)
-
-
-def saved_activation_bytes(model: nn.Module, *inputs, **kwargs) -> int:
-    """Bytes autograd keeps for the backward pass of ``model(*inputs, **kwargs)``, weights excluded.
-
-    Measured, not estimated: every tensor saved for backward passes through a
-    ``saved_tensors_hooks`` pair, and each distinct storage that the graph still holds
-    when the forward pass ends is counted once. Tensors saved by a graph that was dropped
-    on the way (a norm computed with gradients, then detached) are not counted: they
-    were freed. Parameters and buffers (the weights) are left out, since they are in
-    memory anyway. Runs the forward pass in training mode (so checkpointing is on if
-    enabled) and discards it. Pass the targets too (``saved_activation_bytes(model, x, y)``,
-    or ``labels=`` for a Hugging Face model): the loss keeps the log-probabilities, often
-    the largest tensor.
-    """
-    weights = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}
-    storages: dict[int, torch.UntypedStorage] = {}  # held here, so no address is reused while we count
-    held: list[tuple[weakref.ref, int]] = []  # (the graph's token, its storage): alive while the graph is
-
-    def pack(t: torch.Tensor) -> _SavedToken:
-        # Give the graph a token, never t itself: returning t would tie an output to its own
-        # grad_fn, a reference cycle through C++ that Python's garbage collector cannot break
-        # (the model's parameters would leak). The graph is discarded unused, never unpacked.
-        token = _SavedToken()
-        storage = t.untyped_storage()
-        if storage._cdata not in weights:
-            storages[storage._cdata] = storage
-            held.append((weakref.ref(token), storage._cdata))
-        return token
-
-    def unpack(_) -> torch.Tensor:
-        raise RuntimeError("saved_activation_bytes measures a forward pass; its graph cannot run backward")
-
-    was_training = model.training
-    model.train()
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        out = model(*inputs, **kwargs)
-    model.train(was_training)
-    alive = {key for token, key in held if token() is not None}
-    del out
-    return sum(storages[key].nbytes() for key in alive)

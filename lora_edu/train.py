@@ -15,8 +15,19 @@ import torch.nn as nn
 from tqdm import tqdm  # the text bar: it works in a terminal, Jupyter and Colab alike
 
 from lora_edu.data import get_batch
+from lora_edu.plumbing import check_int
 
-__all__ = ["MILTON_FINE_TUNE", "History", "TrainConfig", "default_device", "evaluate", "make_adamw", "seed_everything", "train"]
+__all__ = [
+    "MILTON_FINE_TUNE",
+    "History",
+    "TrainConfig",
+    "default_device",
+    "evaluate",
+    "make_adamw",
+    "seed_everything",
+    "train",
+    "weight_decay_groups",
+]
 
 
 def default_device() -> str:
@@ -54,9 +65,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "block_size", "eval_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), name)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -98,6 +107,12 @@ class History:
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; matrices decay, biases and LayerNorms do not."""
+    return torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr)
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters as optimizer groups: matrices with ``weight_decay``, vectors
+    (biases, norms) without; an empty group is left out."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (all have requires_grad=False)")
@@ -105,7 +120,7 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return [g for g in groups if g["params"]]
 
 
 @torch.no_grad()

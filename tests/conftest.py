@@ -80,3 +80,43 @@ def make_either_gpt2(request, make_gpt2):
     from hf_models import small_hf_gpt2
 
     return small_hf_gpt2
+
+
+# --- small models that several test files build alike ---
+
+
+@pytest.fixture(scope="module")
+def small_gpt2():
+    """A seeded random GPT-2 small enough for the CPU (vocab 256, 2 layers, width 64: rows of
+    64 and 256, whole NF4 blocks), in eval mode. Deepcopy it before changing it."""
+    from lora_edu.gpt2 import GPT2, GPT2Config
+
+    torch.manual_seed(0)
+    return GPT2(GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32)).eval()
+
+
+@pytest.fixture(scope="module")
+def small_batch():
+    """Inputs and targets for small_gpt2: two (4, 32) tensors of token ids."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (4, 32), generator=g), torch.randint(0, 256, (4, 32), generator=g)
+
+
+@pytest.fixture
+def ours_and_hf():
+    """(a lora_edu GPT2, hf_models.small_hf_gpt2()) holding the same weights, checked to give the same logits."""
+    pytest.importorskip("transformers")
+    from hf_models import small_hf_gpt2
+
+    from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf
+
+    hf = small_hf_gpt2()
+    c = hf.config
+    ours = GPT2(GPT2Config(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd, dropout=0.0)).eval()
+    missing, unexpected = ours.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # the head is tied to the embedding
+    idx = torch.randint(0, c.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
+    return ours, hf

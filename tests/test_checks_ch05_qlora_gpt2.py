@@ -9,8 +9,8 @@ import torch.nn as nn
 from lora_edu.checks import CheckFailed, check_fine_tuning_bytes, check_quantize_and_count, check_training_step
 from lora_edu.checks.ch05_qlora_gpt2 import check_blocksize_experiment
 from lora_edu.gpt2 import GPT2, GPT2Config
+from lora_edu.memory import memory_breakdown
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
-from lora_edu.qlora import memory_breakdown
 
 
 def stub(*args):

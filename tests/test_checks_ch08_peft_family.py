@@ -30,7 +30,7 @@ def vera_by_the_package(weight, A, B, d, b):
     vera = VeRALinear(layer, A, B)
     with torch.no_grad():
         layer.weight.copy_(weight), vera.d.copy_(d), vera.b.copy_(b)
-    return vera.merged().weight.detach()
+    return vera.fold_into_base().weight.detach()
 
 
 def vera_in_place(weight, A, B, d, b):
@@ -64,7 +64,7 @@ WRONG_VERA = {
     "wrong shape": (lambda w, A, B, d, b: w[:, :1], "keeps the layer's shape"),
     "not a tensor": (lambda w, A, B, d, b: w.tolist(), "torch.Tensor"),
     "stub": (stub, "still the stub"),
-    "the package's merge": (vera_by_the_package, r"calls the package's VeRALinear\.merged\(\)"),
+    "the package's merge": (vera_by_the_package, r"calls the package's VeRALinear\.fold_into_base\(\)"),
 }
 
 
@@ -102,7 +102,7 @@ def ia3_by_the_package(weight, bias, l_k, l_v):
     scaled = ScaleOutput(layer, start=l_k.numel())
     with torch.no_grad():
         scaled.scale.copy_(torch.cat([l_k, l_v]))
-    merged = scaled.merged()
+    merged = scaled.fold_into_base()
     return merged.weight.detach(), merged.bias.detach()
 
 
@@ -120,7 +120,7 @@ WRONG_IA3 = {
     "keys and values swapped": (scaled_rows("1", "v", "k"), "l_k goes with the keys"),
     "nothing scaled": (lambda w, b, k, v: (w, b), "nothing was scaled"),
     "columns": (lambda w, b, k, v: (w * k[None, :], b), "an output feature is a row. Which rows"),
-    "the package's merge": (ia3_by_the_package, r"calls the package's ScaleOutput\.merged\(\)"),
+    "the package's merge": (ia3_by_the_package, r"calls the package's ScaleOutput\.fold_into_base\(\)"),
     "transposed": (lambda w, b, k, v: (ia3_right(w, b, k, v)[0].T, b), "keep their shapes"),
     "one tensor": (lambda w, b, k, v: w, "pair"),
     "stub": (stub, "still the stub"),

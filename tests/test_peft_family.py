@@ -1,4 +1,5 @@
-"""LoRA's relatives: each trains only its own parameters, counts them right, and merges exactly where it claims to."""
+"""LoRA's relatives: each trains only its own parameters, counts them right, and merges exactly where it claims to.
+A test that compares with PEFT skips alone where PEFT is missing."""
 
 import copy
 import math
@@ -6,17 +7,21 @@ import math
 import pytest
 import torch
 
-from lora_edu.adapters import add_serial_adapters
-from lora_edu.gpt2 import load_tiny
-from lora_edu.lora import count_parameters
+from lora_edu.gpt2 import GPT2, GPT2Config, load_tiny
+from lora_edu.lora import add_lora, count_parameters
 from lora_edu.peft_family import (
     PrefixAttention,
     PromptTuned,
     ScaleInput,
     ScaleOutput,
+    SerialAdapter,
+    VeRALinear,
+    adapter_parameters,
     add_bitfit,
     add_ia3,
     add_prefix_tuning,
+    add_serial_adapters,
+    add_vera,
     merge_peft,
 )
 
@@ -148,21 +153,45 @@ def test_the_prefix_starts_as_real_tokens_keys_and_values(base):
     torch.testing.assert_close(layer.prefix_values, v[0].detach())
 
 
+@pytest.mark.parametrize("sublayers, per_block", [(("attn", "mlp"), 2), (("mlp",), 1)])
+def test_fresh_serial_adapters_change_nothing_and_count_their_parameters(base, sublayers, per_block):
+    model = add_serial_adapters(copy.deepcopy(base), bottleneck=4, sublayers=sublayers)
+    torch.testing.assert_close(model(IDX), base(IDX), rtol=0, atol=0)  # up starts at zero: the identity
+    width = base.config.n_embd
+    per_adapter = 2 * width * 4 + 4 + width  # down and up, with biases
+    assert adapter_parameters(model) == base.config.n_layer * per_block * per_adapter
+    assert count_parameters(model)[0] == adapter_parameters(model)
+
+
+def test_only_the_serial_adapters_learn(base):
+    model = add_serial_adapters(copy.deepcopy(base), bottleneck=4)
+    # up starts at zero, so down gets no gradient at first (as LoRA's A when B = 0): two steps
+    first, second = one_step_changes(model), one_step_changes(model)
+    assert first == {n for n, _ in model.named_parameters() if ".up." in n}
+    assert first | second == {n for n, _ in model.named_parameters() if ".up." in n or ".down." in n}
+
+
 def test_adapters_are_refused_by_merge_peft(base):
     with pytest.raises(TypeError, match="serial adapters cannot be merged"):
         merge_peft(add_serial_adapters(copy.deepcopy(base), bottleneck=4))
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda m: add_ia3(add_ia3(m)), "already has"),
-    (lambda m: add_prefix_tuning(add_prefix_tuning(m, 2), 2), "already has"),
-    (lambda m: add_prefix_tuning(m, 0), "n_prefix must be a positive int"),
-    (lambda m: add_prefix_tuning(m, 128), "below block_size"),
-    (lambda m: PromptTuned(m, 128), r"n_virtual must be an int in \[1, block_size\)"),
-    (lambda m: add_bitfit(torch.nn.Linear(2, 2)), "must be a lora_edu GPT2"),
+@pytest.mark.parametrize("build, error, message", [
+    (lambda m: add_ia3(add_ia3(m)), ValueError, "already has"),
+    (lambda m: add_prefix_tuning(add_prefix_tuning(m, 2), 2), ValueError, "already has"),
+    (lambda m: add_prefix_tuning(m, 0), ValueError, "n_prefix must be a positive int"),
+    (lambda m: add_prefix_tuning(m, 128), ValueError, "below block_size"),
+    (lambda m: PromptTuned(m, 128), ValueError, r"n_virtual must be a positive int below block_size \(128\)"),
+    (lambda m: add_bitfit(torch.nn.Linear(2, 2)), TypeError, "must be a lora_edu GPT2"),
+    (lambda m: add_serial_adapters(torch.nn.Linear(2, 2), 4), TypeError, "model must be a lora_edu GPT2"),
+    (lambda m: add_serial_adapters(m, 4, ("ffn",)), ValueError, "sublayers must be a non-empty list of names"),
+    (lambda m: add_serial_adapters(m, 4, ()), ValueError, "sublayers must be a non-empty list of names"),
+    (lambda m: add_serial_adapters(add_serial_adapters(m, 4), 4), ValueError,
+     "already has fine-tuning layers: serial adapters"),
+    (lambda m: SerialAdapter(torch.nn.Identity(), 8.0, 2), ValueError, "d must be a positive int"),
 ])
-def test_bad_requests_are_refused(base, build, message):
-    with pytest.raises((ValueError, TypeError), match=message):
+def test_bad_requests_are_refused(base, build, error, message):
+    with pytest.raises(error, match=message):
         build(copy.deepcopy(base))
 
 
@@ -171,27 +200,10 @@ def test_bad_requests_are_refused(base, build, message):
 # ---------------------------------------------------------------------------------------
 
 
-def ours_and_hf():
-    from hf_models import small_hf_gpt2
-
-    from lora_edu.gpt2 import GPT2, GPT2Config, _load_state, state_dict_from_hf
-
-    hf = small_hf_gpt2()
-    c = hf.config
-    ours = GPT2(GPT2Config(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd, dropout=0.0)).eval()
-    _load_state(ours, state_dict_from_hf(hf.state_dict()), "the small Hugging Face GPT-2")
-    idx = torch.randint(0, c.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(ours(idx), hf(input_ids=idx).logits, atol=1e-5, rtol=1e-5)
-    return ours, hf
-
-
-def test_prompt_tuning_equals_peft_prompt_tuning_on_hf_gpt2():
+def test_prompt_tuning_equals_peft_prompt_tuning_on_hf_gpt2(ours_and_hf):
     """PEFT's prompt tuning puts its virtual tokens first too; its logits include theirs, which we drop."""
-    import peft
-
-    ours, hf = ours_and_hf()
+    peft = pytest.importorskip("peft")
+    ours, hf = ours_and_hf
     n = 4
     theirs = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n)).eval()
     prompt = 0.3 * torch.randn(n, ours.config.n_embd, generator=torch.Generator().manual_seed(1))
@@ -206,11 +218,10 @@ def test_prompt_tuning_equals_peft_prompt_tuning_on_hf_gpt2():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_ia3_equals_peft_ia3_with_the_queries_held_at_one_on_hf_gpt2():
+def test_ia3_equals_peft_ia3_with_the_queries_held_at_one_on_hf_gpt2(ours_and_hf):
     """PEFT scales all of GPT-2's fused c_attn output; the paper (and we) scale keys and values only."""
-    import peft
-
-    ours, hf = ours_and_hf()
+    peft = pytest.importorskip("peft")
+    ours, hf = ours_and_hf
     config = peft.IA3Config(task_type="CAUSAL_LM", target_modules=["c_attn", "mlp.c_proj"],
                             feedforward_modules=["mlp.c_proj"])
     theirs = peft.get_peft_model(hf, config).eval()
@@ -255,8 +266,6 @@ def test_the_benchmark_times_every_method_and_merges_exactly_those_it_calls_merg
 
 
 def test_vera_starts_as_the_base_trains_two_vectors_per_layer_and_merges_exactly(base):
-    from lora_edu.peft_family import VeRALinear, add_vera
-
     model = add_vera(copy.deepcopy(base), r=16).eval()
     with torch.no_grad():
         assert torch.equal(model(IDX), base(IDX))
@@ -277,12 +286,9 @@ def test_vera_starts_as_the_base_trains_two_vectors_per_layer_and_merges_exactly
         torch.testing.assert_close(merged(IDX), before, atol=1e-4, rtol=1e-4)
 
 
-def test_vera_equals_peft_vera_on_hf_gpt2_with_the_same_projection_seed():
-    import peft
-
-    from lora_edu.peft_family import VeRALinear, add_vera
-
-    ours, hf = ours_and_hf()
+def test_vera_equals_peft_vera_on_hf_gpt2_with_the_same_projection_seed(ours_and_hf):
+    peft = pytest.importorskip("peft")
+    ours, hf = ours_and_hf
     config = peft.VeraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"], projection_prng_key=3,
                              fan_in_fan_out=True)
     theirs = peft.get_peft_model(hf, config).eval()
@@ -309,15 +315,11 @@ def test_vera_equals_peft_vera_on_hf_gpt2_with_the_same_projection_seed():
     (dict(targets=()), "targets must be a non-empty list of names"),
 ])
 def test_vera_refuses_bad_arguments_by_name(base, kwargs, message):
-    from lora_edu.peft_family import add_vera
-
     with pytest.raises(ValueError, match=message):
         add_vera(copy.deepcopy(base), **kwargs)
 
 
 def test_vera_twice_is_refused(base):
-    from lora_edu.peft_family import add_vera
-
     model = add_vera(copy.deepcopy(base), r=4)
     with pytest.raises(ValueError, match="already has fine-tuning layers: VeRA"):
         add_vera(model, r=4)
@@ -329,8 +331,6 @@ def test_vera_twice_is_refused(base):
 
 
 def with_lora(m):
-    from lora_edu.lora import add_lora
-
     return add_lora(m, ["c_attn"], r=2, alpha=4)
 
 
@@ -339,14 +339,10 @@ def with_ia3(m):
 
 
 def with_vera(m):
-    from lora_edu.peft_family import add_vera
-
     return add_vera(m, r=4)
 
 
 def vera(m, **kwargs):
-    from lora_edu.peft_family import add_vera
-
     return add_vera(m, **{"r": 4, **kwargs})
 
 
@@ -368,7 +364,7 @@ REFUSALS = {
     "adapters sublayer twice": (None, lambda m: add_serial_adapters(m, 4, ("mlp", "mlp")), "twice"),
     "prefix seed": (None, lambda m: add_prefix_tuning(m, 2, seed=1.5), "seed must be an int"),
     "prompt seed": (None, lambda m: PromptTuned(m, 2, seed="0"), "seed must be an int"),
-    "prompt too many": (None, lambda m: PromptTuned(m, 128), "n_virtual must be an int"),
+    "prompt too many": (None, lambda m: PromptTuned(m, 128), "n_virtual must be a positive int below block_size"),
 }
 
 
@@ -389,6 +385,7 @@ def test_every_refusal_of_the_family_names_it_and_leaves_the_model_unchanged(bas
 @pytest.mark.parametrize("name", ["ia3", "vera", "prompt", "prefix", "adapters", "bitfit"])
 def test_hugging_face_gpt2_is_refused_up_front_and_left_unchanged(name):
     """The family is built for the book's GPT2 (nn.Linear layers, its config); HF's GPT-2 is named and refused."""
+    pytest.importorskip("transformers")
     from hf_models import small_hf_gpt2
     from unchanged import assert_unchanged, snapshot
 
@@ -404,8 +401,6 @@ def test_hugging_face_gpt2_is_refused_up_front_and_left_unchanged(name):
 
 def test_the_prefix_starts_from_the_same_activations_in_train_mode_whatever_the_global_random_state():
     """Dropout is off while the starting keys and values are computed, and the modes are put back."""
-    from lora_edu.gpt2 import GPT2, GPT2Config
-
     torch.manual_seed(0)
     template = GPT2(GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.3))
     prefixes = []

@@ -1,15 +1,11 @@
 """Tests of lora_edu.qlora (QLoRA: LoRA on a frozen 4-bit base) and what it needs elsewhere:
 LoRALinear over a 4-bit layer, NF4Linear's memory-saving backward, GPT-2's gradient
-checkpointing, and mixed precision in the training loop."""
+checkpointing. A test that compares with bitsandbytes skips alone where it is missing."""
 
 import copy
-import gc
 import json
 import math
-import sys
 import warnings
-import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,55 +13,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hf_models import small_hf_gpt2
-from lora_edu.gpt2 import GPT2, GPT2Config
+from lora_edu.gpt2 import GPT2Config
 from lora_edu.lora import add_lora, lora_layers, merge_lora
 from lora_edu.lora_layer import LoRALinear, is_quantized
-from lora_edu.nf4 import NF4Linear, bits_per_parameter, nf4_code
+from lora_edu.memory import saved_activation_bytes
+from lora_edu.nf4 import NF4Linear, nf4_code
 from lora_edu.qlora import (
-    LLAMA_SHAPES,
     QLORA_LORA,
     compute_dtype_for,
     dequantize_layer,
     dequantize_model,
-    llama_skeleton,
     make_optimizer,
-    memory_breakdown,
     merge_and_dequantize,
     merge_and_requantize,
     output_change,
     prepare_for_kbit_training,
     quantize_model,
     quantized_layers,
-    saved_activation_bytes,
 )
-from lora_edu.train import TrainConfig, train
 
-bnb = pytest.importorskip("bitsandbytes")
-import bitsandbytes.functional as bnbf  # noqa: E402  (after the skip)
+try:  # importorskip, for its quiet import; only the tests that compare with bitsandbytes need it
+    bnb = pytest.importorskip("bitsandbytes")
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+except pytest.skip.Exception:
+    bnb = bnbf = None
+needs_bnb = pytest.mark.skipif(bnb is None, reason="compares with bitsandbytes (pip install bitsandbytes)")
 
-SMALL = GPT2Config(n_layer=2, n_head=2, n_embd=64, block_size=32)  # rows of 64 and 256: whole NF4 blocks
+# small_gpt2 (conftest.py): 2 blocks of these four layers
 BLOCK_LINEAR = [f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-BACKENDS = ["lora_edu", "bitsandbytes"]
-LAYER_TYPE = {"lora_edu": NF4Linear, "bitsandbytes": bnb.nn.Linear4bit}
+BACKENDS = ["lora_edu", pytest.param("bitsandbytes", marks=needs_bnb)]
 
 
 # --- helpers ---
 
-@pytest.fixture(scope="module")
-def base():
-    """A seeded random GPT-2 small enough for the CPU (vocab 256, 2 layers, width 64)."""
-    torch.manual_seed(0)
-    return GPT2(SMALL).eval()
 
-
-@pytest.fixture(scope="module")
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (4, 32), generator=g), torch.randint(0, 256, (4, 32), generator=g)
-
-
-def quantized(base, backend="lora_edu", **kwargs):
-    return quantize_model(copy.deepcopy(base), backend, **kwargs)
+def quantized(model, backend="lora_edu", **kwargs):
+    return quantize_model(copy.deepcopy(model), backend, **kwargs)
 
 
 def packed(layer):
@@ -136,24 +119,26 @@ class NaiveNF4(nn.Module):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_quantize_model_replaces_every_block_linear_and_leaves_the_tied_head(base, backend):
-    model = copy.deepcopy(base)
+def test_quantize_model_replaces_every_block_linear_and_leaves_the_tied_head(small_gpt2, backend):
+    model = copy.deepcopy(small_gpt2)
     assert quantize_model(model, backend) is model  # in place
     layers = quantized_layers(model)
     assert sorted(layers) == sorted(BLOCK_LINEAR)
-    assert all(type(layer) is LAYER_TYPE[backend] for layer in layers.values())
+    layer_type = NF4Linear if backend == "lora_edu" else bnb.nn.Linear4bit
+    assert all(type(layer) is layer_type for layer in layers.values())
     assert [n for n, m in model.named_modules() if type(m) is nn.Linear] == ["lm_head"]
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied
     for name, layer in layers.items():  # the biases stay full precision, unchanged
-        assert torch.equal(layer.bias, base.get_submodule(name).bias)
-        assert (layer.in_features, layer.out_features) == (base.get_submodule(name).in_features,
-                                                           base.get_submodule(name).out_features)
+        assert torch.equal(layer.bias, small_gpt2.get_submodule(name).bias)
+        assert (layer.in_features, layer.out_features) == (small_gpt2.get_submodule(name).in_features,
+                                                           small_gpt2.get_submodule(name).out_features)
 
 
+@needs_bnb
 @pytest.mark.parametrize("blocksize, double_quant", [(64, True), (32, False)])
-def test_both_backends_store_the_same_bytes_and_dequantize_alike(base, blocksize, double_quant):
-    ours = quantized_layers(quantized(base, "lora_edu", blocksize=blocksize, double_quant=double_quant))
-    theirs = quantized_layers(quantized(base, "bitsandbytes", blocksize=blocksize, double_quant=double_quant))
+def test_both_backends_store_the_same_bytes_and_dequantize_alike(small_gpt2, blocksize, double_quant):
+    ours = quantized_layers(quantized(small_gpt2, "lora_edu", blocksize=blocksize, double_quant=double_quant))
+    theirs = quantized_layers(quantized(small_gpt2, "bitsandbytes", blocksize=blocksize, double_quant=double_quant))
     assert ours.keys() == theirs.keys()
     for name in ours:
         a, b = ours[name], theirs[name]
@@ -172,17 +157,18 @@ def test_both_backends_store_the_same_bytes_and_dequantize_alike(base, blocksize
         assert type(da) is type(db) is nn.Linear
         assert torch.equal(da.weight, db.weight) and torch.equal(da.bias, db.bias)
         assert not da.weight.requires_grad
-        w0 = base.get_submodule(name).weight.detach()
+        w0 = small_gpt2.get_submodule(name).weight.detach()
         half_gap = nf4_code().diff().max() / 2  # the largest rounding error, in units of a block's absmax
         assert 0 < (da.weight - w0).abs().max() <= 1.01 * half_gap * w0.abs().max()
         x = torch.randn(3, a.in_features)
         torch.testing.assert_close(a(x), da(x), rtol=1e-5, atol=1e-6)  # the weight it computes with
 
 
-def test_the_logits_of_the_two_backends_agree_in_training_and_inference(base, batch):
-    ours, theirs = quantized(base, "lora_edu"), quantized(base, "bitsandbytes")
+@needs_bnb
+def test_the_logits_of_the_two_backends_agree_in_training_and_inference(small_gpt2, small_batch):
+    ours, theirs = quantized(small_gpt2, "lora_edu"), quantized(small_gpt2, "bitsandbytes")
     before = {n: packed(layer).clone() for n, layer in quantized_layers(theirs).items()}
-    idx = batch[0]
+    idx = small_batch[0]
     for model in (ours, theirs):
         model.train()
     assert (ours(idx) - theirs(idx)).abs().max() < 1e-4  # the training path
@@ -195,9 +181,11 @@ def test_the_logits_of_the_two_backends_agree_in_training_and_inference(base, ba
         assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
 
 
-@pytest.mark.skipif(not bnbf.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
-def test_dequantize_layer_reads_a_linear4bit_repacked_for_the_cpu(base):
-    layer = quantized_layers(quantized(base, "bitsandbytes"))["transformer.h.0.attn.c_attn"]
+@needs_bnb
+@pytest.mark.skipif(bnbf is not None and not bnbf.has_avx512bf16(),
+                    reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+def test_dequantize_layer_reads_a_linear4bit_repacked_for_the_cpu(small_gpt2):
+    layer = quantized_layers(quantized(small_gpt2, "bitsandbytes"))["transformer.h.0.attn.c_attn"]
     want = dequantize_layer(layer).weight
     layer.support_avx512bf16_for_cpu = True  # what a Linear4bit built elsewhere does
     layer.eval()
@@ -211,23 +199,24 @@ def test_dequantize_layer_reads_a_linear4bit_repacked_for_the_cpu(base):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bitsandbytes_is_asked_for_nf4_and_double_quantization_is_on_by_default(base, backend):
-    assert bnb.nn.Linear4bit(64, 64).weight.quant_type == "fp4"  # bitsandbytes' own default
-    for layer in quantized_layers(quantized(base, backend)).values():
+def test_bitsandbytes_is_asked_for_nf4_and_double_quantization_is_on_by_default(small_gpt2, backend):
+    if backend == "bitsandbytes":
+        assert bnb.nn.Linear4bit(64, 64).weight.quant_type == "fp4"  # bitsandbytes' own default
+    for layer in quantized_layers(quantized(small_gpt2, backend)).values():
         if backend == "bitsandbytes":
             assert layer.weight.quant_type == "nf4" and layer.weight.quant_state.quant_type == "nf4"
             assert layer.weight.compress_statistics and layer.weight.quant_state.nested
         else:
             assert layer.absmax_codes is not None and layer.absmax is None
         assert settings(layer)[1:] == (64, True, torch.float32)
-    for layer in quantized_layers(quantized(base, backend, double_quant=False)).values():
+    for layer in quantized_layers(quantized(small_gpt2, backend, double_quant=False)).values():
         assert settings(layer)[2] is False
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compute_dtype_is_respected(base, backend):
-    full = quantized_layers(quantized(base, backend))["transformer.h.0.mlp.c_fc"].train()
-    half = quantized_layers(quantized(base, backend, compute_dtype=torch.bfloat16))["transformer.h.0.mlp.c_fc"].train()
+def test_compute_dtype_is_respected(small_gpt2, backend):
+    full = quantized_layers(quantized(small_gpt2, backend))["transformer.h.0.mlp.c_fc"].train()
+    half = quantized_layers(quantized(small_gpt2, backend, compute_dtype=torch.bfloat16))["transformer.h.0.mlp.c_fc"].train()
     assert full.compute_dtype == torch.float32 and half.compute_dtype == torch.bfloat16
     assert torch.equal(packed(full), packed(half))  # the storage does not depend on it
     x = torch.randn(4, 64)
@@ -256,32 +245,36 @@ def test_compute_dtype_for_a_gpu_takes_bfloat16_only_where_it_is_native(monkeypa
 # ---------------------------------------------------------------------------------------
 
 
-def test_quantize_model_refuses_what_it_cannot_quantize(base):
+def test_quantize_model_refuses_what_it_cannot_quantize(small_gpt2):
     with pytest.raises(ValueError, match=r"unknown backend 'gptq'; expected one of \['lora_edu', 'bitsandbytes'\]"):
-        quantized(base, "gptq")
+        quantized(small_gpt2, "gptq")
     with pytest.raises(ValueError, match="no nn.Linear layers to quantize"):
         quantize_model(nn.Sequential(nn.LayerNorm(4)))
     with pytest.raises(ValueError, match="no nn.Linear layers to quantize"):  # the only one is excluded
         quantize_model(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4)), exclude=("1",))
     with pytest.raises(ValueError, match="already quantized .*quantizing twice"):
-        quantize_model(quantized(base))
-    with pytest.raises(TypeError, match="Conv1D.*load_pretrained"):
-        quantize_model(small_hf_gpt2())
+        quantize_model(quantized(small_gpt2))
     with pytest.raises(ValueError, match="already has LoRA layers; quantize the base first"):
-        quantize_model(add_lora(copy.deepcopy(base)))
+        quantize_model(add_lora(copy.deepcopy(small_gpt2)))
     with pytest.raises(TypeError, match="model is itself a linear layer"):
         quantize_model(nn.Linear(64, 64))
     for bad in (torch.int8, "bfloat16", None):
         with pytest.raises(TypeError, match="compute_dtype must be a floating-point torch.dtype"):
-            quantized(base, compute_dtype=bad)
+            quantized(small_gpt2, compute_dtype=bad)
+
+
+def test_a_hugging_face_gpt2_is_refused_for_its_conv1d_layers():
+    pytest.importorskip("transformers")
+    with pytest.raises(TypeError, match="Conv1D.*load_pretrained"):
+        quantize_model(small_hf_gpt2())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_a_non_finite_weight_is_refused_by_name_and_nothing_is_quantized(base, backend, bad):
+def test_a_non_finite_weight_is_refused_by_name_and_nothing_is_quantized(small_gpt2, backend, bad):
     """Both backends (bitsandbytes alone would take it, and double quantization would then
     dequantize the whole tensor to NaN); before any layer is replaced, so a retry works."""
-    model = copy.deepcopy(base)
+    model = copy.deepcopy(small_gpt2)
     weight = model.transformer.h[1].mlp.c_fc.weight  # a late layer: the earlier ones come first
     with torch.no_grad():
         weight[3, 5] = bad
@@ -295,8 +288,8 @@ def test_a_non_finite_weight_is_refused_by_name_and_nothing_is_quantized(base, b
     assert sorted(quantized_layers(model)) == BLOCK_LINEAR
 
 
-def test_quantize_model_checks_blocksize_and_weights_before_anything(base):
-    model = copy.deepcopy(base)
+def test_quantize_model_checks_blocksize_and_weights_before_anything(small_gpt2):
+    model = copy.deepcopy(small_gpt2)
     with pytest.raises(ValueError, match="blocksize must be a power of two from 32 to 4096"):
         quantize_model(model, "bitsandbytes", blocksize=48)
     model.transformer.h[1].attn.c_proj.weight = nn.Parameter(torch.ones(64, 64, dtype=torch.int8), requires_grad=False)
@@ -305,35 +298,31 @@ def test_quantize_model_checks_blocksize_and_weights_before_anything(base):
     assert quantized_layers(model) == {}
 
 
-def test_the_other_refusals(base):
+def test_the_other_refusals(small_gpt2):
     with pytest.raises(ValueError, match="no 4-bit layers; call quantize_model first"):
-        prepare_for_kbit_training(copy.deepcopy(base))
-    frozen = quantized(base).requires_grad_(False)
+        prepare_for_kbit_training(copy.deepcopy(small_gpt2))
+    frozen = quantized(small_gpt2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters; add_lora first"):
         make_optimizer(frozen, 1e-3)
     for merge in (merge_and_dequantize, merge_and_requantize):
         with pytest.raises(ValueError, match="no LoRA layers to merge; call add_lora first"):
-            merge(quantized(base))
+            merge(quantized(small_gpt2))
     with pytest.raises(ValueError, match="full-precision base; merge it with lora_edu.lora.merge_lora"):
-        merge_and_requantize(add_lora(copy.deepcopy(base)))
+        merge_and_requantize(add_lora(copy.deepcopy(small_gpt2)))
     with pytest.raises(ValueError, match="model has no 4-bit layers to dequantize"):
-        dequantize_model(copy.deepcopy(base))
+        dequantize_model(copy.deepcopy(small_gpt2))
     with pytest.raises(TypeError, match="must be a 4-bit layer .* got Linear"):
         dequantize_layer(nn.Linear(4, 4))
-    with pytest.raises(ValueError, match=r"unknown method 'dora'; expected one of \['full', 'lora', 'qlora'\]"):
-        memory_breakdown(base, "dora")
-    with pytest.raises(ValueError, match="amp_dtype must be None, torch.bfloat16 or torch.float16"):
-        TrainConfig(amp_dtype=torch.float32)
 
 
-def test_a_paged_optimizer_needs_cuda_and_names_the_fallback(base):
-    model = add_lora(quantized(base), "all-linear", **QLORA_LORA)
+def test_a_paged_optimizer_needs_cuda_and_names_the_fallback(small_gpt2):
+    model = add_lora(quantized(small_gpt2), "all-linear", **QLORA_LORA)
     with pytest.raises(ValueError, match=r"paged=True needs the parameters on a CUDA GPU.*use paged=False"):
         make_optimizer(model, 1e-3, paged=True)
 
 
-def test_make_optimizer_on_the_cpu_is_adamw_over_exactly_the_lora_parameters(base):
-    model = add_lora(quantized(base), "all-linear", **QLORA_LORA)
+def test_make_optimizer_on_the_cpu_is_adamw_over_exactly_the_lora_parameters(small_gpt2):
+    model = add_lora(quantized(small_gpt2), "all-linear", **QLORA_LORA)
     optimizer = make_optimizer(model, 2e-4, weight_decay=0.01)  # paged=None
     assert type(optimizer) is torch.optim.AdamW
     got = [p for group in optimizer.param_groups for p in group["params"]]
@@ -349,10 +338,10 @@ def test_make_optimizer_on_the_cpu_is_adamw_over_exactly_the_lora_parameters(bas
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lora_layer_over_a_4bit_base(base, backend):
-    base_layer = quantized_layers(quantized(base, backend, compute_dtype=torch.bfloat16))["transformer.h.0.mlp.c_fc"]
+def test_lora_layer_over_a_4bit_base(small_gpt2, backend):
+    base_layer = quantized_layers(quantized(small_gpt2, backend, compute_dtype=torch.bfloat16))["transformer.h.0.mlp.c_fc"]
     assert is_quantized(base_layer) and not is_quantized(nn.Linear(4, 4))
-    assert not is_quantized(base.transformer.h[0].mlp.c_fc)
+    assert not is_quantized(small_gpt2.transformer.h[0].mlp.c_fc)
     layer = with_random_b(nn.Sequential(LoRALinear(base_layer, r=4, alpha=8)))[0].train()
     assert (layer.in_features, layer.out_features) == (64, 256)
     assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32  # beside a bfloat16 compute
@@ -370,8 +359,8 @@ def test_lora_layer_over_a_4bit_base(base, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_merging_into_a_4bit_base_is_refused_and_points_at_qlora(base, backend):
-    model = qlora_model(base, backend)
+def test_merging_into_a_4bit_base_is_refused_and_points_at_qlora(small_gpt2, backend):
+    model = qlora_model(small_gpt2, backend)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(TypeError, match="4-bit base .*merge_and_dequantize .*merge_and_requantize"):
         next(iter(lora_layers(model).values())).merge()
@@ -387,8 +376,8 @@ def test_merging_into_a_4bit_base_is_refused_and_points_at_qlora(base, backend):
 # ---------------------------------------------------------------------------------------
 
 
-def test_prepare_freezes_everything_and_casts_16_bit_parameters_to_float32(base):
-    model = quantized(base)
+def test_prepare_freezes_everything_and_casts_16_bit_parameters_to_float32(small_gpt2):
+    model = quantized(small_gpt2)
     model.transformer.ln_f.to(torch.bfloat16)
     model.transformer.wpe.to(torch.float16)
     model.transformer.h[0].mlp.c_fc.bias.data = model.transformer.h[0].mlp.c_fc.bias.data.bfloat16()
@@ -397,20 +386,20 @@ def test_prepare_freezes_everything_and_casts_16_bit_parameters_to_float32(base)
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(b.dtype == torch.uint8 for n, b in model.named_buffers() if n.endswith("weight_packed"))
-    assert torch.equal(model.transformer.ln_f.weight, base.transformer.ln_f.weight.bfloat16().float())
+    assert torch.equal(model.transformer.ln_f.weight, small_gpt2.transformer.ln_f.weight.bfloat16().float())
     hook = model._input_grad_hook
     prepare_for_kbit_training(model)  # again: still one hook
     assert model._input_grad_hook is hook
-    plain = prepare_for_kbit_training(quantized(base), use_reentrant=False)
+    plain = prepare_for_kbit_training(quantized(small_gpt2), use_reentrant=False)
     assert plain.gradient_checkpointing and not plain._checkpoint_reentrant
     assert getattr(plain, "_input_grad_hook", None) is None  # not needed without reentrant checkpoints
-    off = prepare_for_kbit_training(quantized(base), gradient_checkpointing=False)
+    off = prepare_for_kbit_training(quantized(small_gpt2), gradient_checkpointing=False)
     assert not off.gradient_checkpointing
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_only_the_adapters_train_and_the_4bit_weights_never_change(base, batch, backend):
-    model = prepare_for_kbit_training(quantized(base, backend))
+def test_only_the_adapters_train_and_the_4bit_weights_never_change(small_gpt2, small_batch, backend):
+    model = prepare_for_kbit_training(quantized(small_gpt2, backend))
     add_lora(model, "all-linear", **QLORA_LORA)
     lora_names = {n for n, _ in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
     assert len(lora_names) == 16
@@ -420,7 +409,7 @@ def test_only_the_adapters_train_and_the_4bit_weights_never_change(base, batch, 
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if n in lora_names}
     optimizer = make_optimizer(model, 1e-2)
     model.train()
-    _, loss = model(*batch)
+    _, loss = model(*small_batch)
     loss.backward()
     assert {n for n, p in model.named_parameters() if p.grad is not None} == lora_names
     optimizer.step()
@@ -431,12 +420,12 @@ def test_only_the_adapters_train_and_the_4bit_weights_never_change(base, batch, 
     assert {n for n in changed if ".lora_B." in n} == {n for n in lora_names if ".lora_B." in n}
 
 
-def test_reentrant_checkpointing_without_the_hook_trains_nothing(base, batch):
-    model = qlora_model(base, checkpoint_reentrant=True)  # no prepare_for_kbit_training
+def test_reentrant_checkpointing_without_the_hook_trains_nothing(small_gpt2, small_batch):
+    model = qlora_model(small_gpt2, checkpoint_reentrant=True)  # no prepare_for_kbit_training
     model.train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, loss = model(*batch)
+        _, loss = model(*small_batch)
     # Every block's input is the frozen embedding's output: no block records a graph.
     assert not loss.requires_grad
     assert any("None of the inputs have requires_grad=True" in str(w.message) for w in caught)
@@ -445,11 +434,11 @@ def test_reentrant_checkpointing_without_the_hook_trains_nothing(base, batch):
     assert all(layer.lora_B.weight.grad is None for layer in lora_layers(model).values())
 
 
-def test_prepare_makes_reentrant_checkpointing_give_the_gradients_of_no_checkpointing(base, batch):
-    reference_loss, reference = trainable_grads(qlora_model(base), *batch)
-    model = qlora_model(base, prepare=True)
+def test_prepare_makes_reentrant_checkpointing_give_the_gradients_of_no_checkpointing(small_gpt2, small_batch):
+    reference_loss, reference = trainable_grads(qlora_model(small_gpt2), *small_batch)
+    model = qlora_model(small_gpt2, prepare=True)
     assert model.gradient_checkpointing and model._checkpoint_reentrant
-    loss, grads = trainable_grads(model, *batch)
+    loss, grads = trainable_grads(model, *small_batch)
     assert torch.equal(loss, reference_loss)
     assert grads.keys() == reference.keys() and len(grads) == 16
     for name in grads:
@@ -462,67 +451,36 @@ def test_prepare_makes_reentrant_checkpointing_give_the_gradients_of_no_checkpoi
 # ---------------------------------------------------------------------------------------
 
 
-def test_saved_activation_bytes_keeps_nothing_alive(base, batch):
-    # Its hooks once returned each saved tensor, tying outputs to their own graph through C++:
-    # every model measured then stayed in memory, and a GPU benchmark's peaks grew run by run.
-    model = copy.deepcopy(base)
-    parameters = [weakref.ref(p) for p in model.parameters()]
-    assert saved_activation_bytes(model, *batch) > 0
-    del model
-    gc.collect()
-    assert not [p for p in parameters if p() is not None]
-
-
-class _DetachedSum(nn.Module):
-    """sin(x) * sum(exp(x)), the sum a constant: exp's output is saved by a graph dropped at once."""
-
-    def forward(self, x):
-        return torch.sin(x) * torch.exp(x).sum().detach()
-
-
-def test_saved_activation_bytes_counts_what_the_graph_still_holds():
-    x = torch.randn(64, 32, requires_grad=True)
-    # sin keeps x, the product keeps n (one float); exp(x)'s saved output was freed with its graph
-    assert saved_activation_bytes(_DetachedSum(), x) == x.numel() * 4 + 4
-
-
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_saves_activations_and_changes_no_gradient(base, batch, use_reentrant):
-    plain, checkpointed = copy.deepcopy(base), copy.deepcopy(base)
+def test_gradient_checkpointing_saves_activations_and_changes_no_gradient(small_gpt2, small_batch, use_reentrant):
+    plain, checkpointed = copy.deepcopy(small_gpt2), copy.deepcopy(small_gpt2)
     checkpointed.gradient_checkpointing_enable(use_reentrant=use_reentrant)
     assert checkpointed._checkpoint_reentrant is use_reentrant
-    full, reduced = saved_activation_bytes(plain, *batch), saved_activation_bytes(checkpointed, *batch)
+    full, reduced = saved_activation_bytes(plain, *small_batch), saved_activation_bytes(checkpointed, *small_batch)
     assert 0 < reduced < full / 3
-    loss_a, grads_a = trainable_grads(plain, *batch)
-    loss_b, grads_b = trainable_grads(checkpointed, *batch)
+    loss_a, grads_a = trainable_grads(plain, *small_batch)
+    loss_b, grads_b = trainable_grads(checkpointed, *small_batch)
     torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7)
     checkpointed.gradient_checkpointing_disable()
-    assert saved_activation_bytes(checkpointed, *batch) == full
+    assert saved_activation_bytes(checkpointed, *small_batch) == full
     checkpointed.gradient_checkpointing_enable()
     checkpointed.eval()
     with torch.no_grad():  # no checkpointing (and no graph) in inference
-        torch.testing.assert_close(checkpointed(batch[0]), plain.eval()(batch[0]))
+        torch.testing.assert_close(checkpointed(small_batch[0]), plain.eval()(small_batch[0]))
 
 
-def test_gradient_checkpointing_also_saves_memory_for_qlora(base, batch):
-    plain = qlora_model(base)
-    prepared = qlora_model(base, prepare=True)
-    assert saved_activation_bytes(prepared, *batch) < saved_activation_bytes(plain, *batch) / 3
-
-
-def test_saved_activation_bytes_leaves_the_model_as_it_was(base, batch):
-    model = copy.deepcopy(base).eval()
-    assert saved_activation_bytes(model, batch[0]) > 0  # without targets too
-    assert not model.training
-    assert all(p.grad is None for p in model.parameters())
+def test_gradient_checkpointing_also_saves_memory_for_qlora(small_gpt2, small_batch):
+    plain = qlora_model(small_gpt2)
+    prepared = qlora_model(small_gpt2, prepare=True)
+    assert saved_activation_bytes(prepared, *small_batch) < saved_activation_bytes(plain, *small_batch) / 3
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_nf4_linear_backward_gives_the_input_gradient_of_f_linear(base, compute_dtype):
-    layer = quantized_layers(quantized(base, compute_dtype=compute_dtype))["transformer.h.1.mlp.c_proj"]
+def test_nf4_linear_backward_gives_the_input_gradient_of_f_linear(small_gpt2, compute_dtype):
+    layer = quantized_layers(quantized(small_gpt2, compute_dtype=compute_dtype))["transformer.h.1.mlp.c_proj"]
     x = torch.randn(2, 5, 256, requires_grad=True)
     g = torch.randn(2, 5, 64)
     (layer(x).float() * g).sum().backward()
@@ -535,16 +493,16 @@ def test_nf4_linear_backward_gives_the_input_gradient_of_f_linear(base, compute_
     assert all(not p.requires_grad for p in layer.parameters())
 
 
-def test_nf4_linear_does_not_keep_its_dequantized_weight_for_backward(base, batch):
-    model = quantized(base)
+def test_nf4_linear_does_not_keep_its_dequantized_weight_for_backward(small_gpt2, small_batch):
+    model = quantized(small_gpt2)
     naive = copy.deepcopy(model)
     for name, layer in list(quantized_layers(naive).items()):
         parent, _, child = name.rpartition(".")
         setattr(naive.get_submodule(parent), child, NaiveNF4(layer))
     with torch.no_grad():  # the same function ...
-        assert torch.equal(model.eval()(batch[0]), naive.eval()(batch[0]))
+        assert torch.equal(model.eval()(small_batch[0]), naive.eval()(small_batch[0]))
     dequantized_bytes = sum(4 * m.in_features * m.out_features for m in quantized_layers(model).values())
-    ours, theirs = saved_activation_bytes(model, *batch), saved_activation_bytes(naive, *batch)
+    ours, theirs = saved_activation_bytes(model, *small_batch), saved_activation_bytes(naive, *small_batch)
     assert theirs - ours >= dequantized_bytes  # ... minus a float32 copy of every 4-bit weight
 
 
@@ -554,22 +512,22 @@ def test_nf4_linear_does_not_keep_its_dequantized_weight_for_backward(base, batc
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_merge_and_dequantize_is_exact(base, batch, backend):
-    model = qlora_model(base, backend)
+def test_merge_and_dequantize_is_exact(small_gpt2, small_batch, backend):
+    model = qlora_model(small_gpt2, backend)
     merged = merge_and_dequantize(copy.deepcopy(model))
     assert not quantized_layers(merged) and not lora_layers(merged)
     assert sorted(n for n, m in merged.named_modules() if type(m) is nn.Linear) == sorted(BLOCK_LINEAR + ["lm_head"])
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    change = output_change(model, merged, batch[0])
+    change = output_change(model, merged, small_batch[0])
     assert change["max_abs_logit"] < 1e-5 and change["top1_agreement"] == 1.0
     # and B A is in there: the merged model is not the bare 4-bit base
-    assert output_change(dequantize_model(quantized(base, backend)), merged, batch[0])["max_abs_logit"] > 1e-2
+    assert output_change(dequantize_model(quantized(small_gpt2, backend)), merged, small_batch[0])["max_abs_logit"] > 1e-2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", [{}, dict(blocksize=32, double_quant=False, compute_dtype=torch.bfloat16)])
-def test_merge_and_requantize_stays_4bit_and_changes_the_outputs(base, batch, backend, options):
-    model = quantized(base, backend, **options)
+def test_merge_and_requantize_stays_4bit_and_changes_the_outputs(small_gpt2, small_batch, backend, options):
+    model = quantized(small_gpt2, backend, **options)
     torch.manual_seed(3)
     with_random_b(add_lora(model, "all-linear", r=8, alpha=16))
     before = {n: (settings(layer.base_layer), packed(layer.base_layer).clone()) for n, layer in lora_layers(model).items()}
@@ -580,24 +538,24 @@ def test_merge_and_requantize_stays_4bit_and_changes_the_outputs(base, batch, ba
     for name, layer in layers.items():
         assert settings(layer) == before[name][0]  # same backend, blocksize, double quantization, dtype
     assert any(not torch.equal(packed(layer), before[name][1]) for name, layer in layers.items())
-    change = output_change(model, requantized, batch[0])
+    change = output_change(model, requantized, small_batch[0])
     assert change["max_abs_logit"] > 0 and change["kl"] > 0
     if "compute_dtype" not in options:  # in float32, far more than merge_and_dequantize's rounding
-        exact = output_change(model, merge_and_dequantize(copy.deepcopy(model)), batch[0])
+        exact = output_change(model, merge_and_dequantize(copy.deepcopy(model)), small_batch[0])
         assert change["max_abs_logit"] > 100 * max(exact["max_abs_logit"], 1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_requantizing_an_unchanged_weight_gives_back_its_4bit_codes(base, batch, backend):
+def test_requantizing_an_unchanged_weight_gives_back_its_4bit_codes(small_gpt2, small_batch, backend):
     # Dequantized NF4 values lie on the grid (the block's largest is exactly +-absmax), so they
     # round to the same codes. Only the double-quantized absmaxes can move: their mean shifts.
     for double_quant in (True, False):
-        model = add_lora(quantized(base, backend, double_quant=double_quant), "all-linear", r=8, alpha=16)  # B = 0
+        model = add_lora(quantized(small_gpt2, backend, double_quant=double_quant), "all-linear", r=8, alpha=16)  # B = 0
         before = {n: packed(layer.base_layer).clone() for n, layer in lora_layers(model).items()}
         requantized = merge_and_requantize(copy.deepcopy(model))
         for name, layer in quantized_layers(requantized).items():
             assert torch.equal(packed(layer), before[name])
-        change = output_change(model, requantized, batch[0])
+        change = output_change(model, requantized, small_batch[0])
         if double_quant:
             assert change["max_abs_logit"] < 1e-3 and change["top1_agreement"] == 1.0
         else:  # the float32 absmaxes come back exactly, and with them the outputs
@@ -609,8 +567,8 @@ def test_requantizing_an_unchanged_weight_gives_back_its_4bit_codes(base, batch,
 # ---------------------------------------------------------------------------------------
 
 
-def test_output_change_of_identical_models_is_nothing(base, batch):
-    change = output_change(base, copy.deepcopy(base), batch[0])
+def test_output_change_of_identical_models_is_nothing(small_gpt2, small_batch):
+    change = output_change(small_gpt2, copy.deepcopy(small_gpt2), small_batch[0])
     assert change == {"max_abs_logit": 0.0, "kl": 0.0, "top1_agreement": 1.0}
 
 
@@ -629,184 +587,20 @@ def test_output_change_measures_known_differences():
     assert before.training and not after.training  # modes restored
 
 
-# ---------------------------------------------------------------------------------------
-# memory_breakdown
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def gpt2_124m():
-    with torch.device("meta"):  # shapes only: no memory
-        return GPT2(GPT2Config.from_preset("gpt2"))
-
-
-def test_full_fine_tuning_costs_16_bytes_per_parameter(gpt2_124m):
-    n = sum(p.numel() for p in gpt2_124m.parameters())
-    assert n == 124_439_808  # GPT-2 small, the head tied to the embedding
-    full = memory_breakdown(gpt2_124m, "full")
-    assert full == {"weights": 4 * n, "lora": 0, "gradients": 4 * n, "optimizer": 8 * n}
-    assert sum(full.values()) == 16 * n
-
-
-def test_lora_costs_a_16_bit_base_plus_float32_adapters(gpt2_124m):
-    c, n_layer = 768, 12
-    n = sum(p.numel() for p in gpt2_124m.parameters())
-    # per block: c_attn (c -> 3c), attn.c_proj (c -> c), c_fc (c -> 4c), mlp.c_proj (4c -> c)
-    in_plus_out = n_layer * ((c + 3 * c) + (c + c) + (c + 4 * c) + (4 * c + c))
-    assert in_plus_out == 147_456
-    lora = memory_breakdown(gpt2_124m, "lora", r=64)
-    assert lora["weights"] == 2 * n
-    assert lora["lora"] == 4 * 64 * in_plus_out == 4 * 9_437_184
-    assert lora["gradients"] == lora["lora"] and lora["optimizer"] == 2 * lora["lora"]
-    assert memory_breakdown(gpt2_124m, "lora", r=8)["lora"] == 4 * 8 * in_plus_out
-    assert memory_breakdown(gpt2_124m, "lora")["lora"] == lora["lora"]  # r = 64 by default (QLoRA's)
-
-
-def test_small_model_adapters_match_add_lora():
-    torch.manual_seed(0)
-    model = GPT2(SMALL)
-    breakdown = memory_breakdown(model, "lora", r=4)
-    n_lora = sum(p.numel() for n, p in add_lora(model, "all-linear", r=4).named_parameters() if "lora_" in n)
-    assert breakdown["lora"] == 4 * n_lora
-
-
-def test_qlora_stores_the_linear_weights_in_4_127_bits(gpt2_124m):
-    c, n_layer = 768, 12
-    n = sum(p.numel() for p in gpt2_124m.parameters())
-    n_linear = n_layer * (c * 3 * c + c * c + c * 4 * c + 4 * c * c)
-    assert n_linear == 84_934_656
-    qlora, lora = memory_breakdown(gpt2_124m, "qlora"), memory_breakdown(gpt2_124m, "lora")
-    bits = (qlora["weights"] - 4 * (n - n_linear)) * 8 / n_linear  # the rest in float32
-    assert bits == pytest.approx(bits_per_parameter(64, True), abs=1e-6)
-    assert bits_per_parameter(64, True) == pytest.approx(4.127, abs=1e-3)
-    assert qlora["weights"] < lora["weights"]
-    assert {k: qlora[k] for k in ("lora", "gradients", "optimizer")} == {k: lora[k] for k in ("lora", "gradients", "optimizer")}
-
-
-# ---------------------------------------------------------------------------------------
-# Mixed precision in the training loop
-# ---------------------------------------------------------------------------------------
-
-TRAIN_SMALL = GPT2Config(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
-PATTERN = torch.tensor([1, 2, 3, 4, 5] * 200)  # perfectly predictable after one token
-
-
-CLIP_GRAD_NORM = torch.nn.utils.clip_grad_norm_
-
-
-class SpyScaler(torch.amp.GradScaler):
-    made = []
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scaled = 0
-        SpyScaler.made.append(self)
-
-    def scale(self, outputs):
-        self.scaled += 1
-        return super().scale(outputs)
-
-
-def train_pattern(amp_dtype, monkeypatch):
-    """30 steps on PATTERN; returns the history, the loop's GradScaler and the gradient
-    norms it clipped (before clipping)."""
-    norms = []
-
-    def spy_clip(*args, **kwargs):
-        norms.append(CLIP_GRAD_NORM(*args, **kwargs).item())
-        return norms[-1]
-
-    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy_clip)
-    SpyScaler.made.clear()
-    torch.manual_seed(0)
-    model = GPT2(TRAIN_SMALL)
-    config = TrainConfig(steps=30, batch_size=8, block_size=8, lr=1e-2, eval_every=30, eval_batches=None, amp_dtype=amp_dtype)
-    history = train(model, PATTERN, PATTERN, config, progress=False)
-    (scaler,) = SpyScaler.made
-    assert len(norms) == 30
-    return history, scaler, norms, model
-
-
-def test_bfloat16_autocast_trains_without_a_loss_scaler(monkeypatch):
-    reference, _, _, _ = train_pattern(None, monkeypatch)
-    history, scaler, _, model = train_pattern(torch.bfloat16, monkeypatch)
-    assert not scaler.is_enabled()
-    assert history.train_loss != reference.train_loss  # the forward really ran in bfloat16 ...
-    assert history.train_loss[0] == pytest.approx(reference.train_loss[0], rel=1e-2)
-    assert history.final_val_loss < 0.3 * history.val_loss[0]  # ... and learned the pattern
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights stay float32
-
-
-def test_float16_autocast_scales_the_loss_and_unscales_before_clipping(monkeypatch):
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
-    except (RuntimeError, AssertionError) as err:
-        pytest.skip(f"this PyTorch has no float16 autocast on the CPU ({err})")
-    reference, _, reference_norms, _ = train_pattern(None, monkeypatch)
-    history, scaler, norms, _ = train_pattern(torch.float16, monkeypatch)
-    assert scaler.is_enabled() and scaler.get_scale() >= 2**15 and scaler.scaled == 30
-    assert history.train_loss != reference.train_loss  # the forward ran in float16
-    # The loss was multiplied by the scale (2**16 to start), yet the norms clipped are the
-    # true ones: the gradients were unscaled before clipping.
-    assert norms[0] == pytest.approx(reference_norms[0], rel=0.05)
-    assert max(norms) < 100
-    assert history.final_val_loss < 0.3 * history.val_loss[0]
-    assert history.final_val_loss == pytest.approx(reference.final_val_loss, rel=0.2)
-
-
-# ---------------------------------------------------------------------------------------
-# Llama-style shapes for memory_breakdown
-# ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("size, billions", [("7B", 6.7), ("13B", 13.0), ("33B", 32.5), ("65B", 65.2)])
-def test_llama_skeleton_has_the_published_parameter_counts(size, billions):
-    model = llama_skeleton(size)
-    n = sum(p.numel() for p in model.parameters())
-    assert abs(n / 1e9 - billions) / billions < 0.01
-    assert all(p.is_meta for p in model.parameters())  # shapes only
-
-
-def test_llama_skeleton_uses_llamas_names_and_an_untied_head():
-    model = llama_skeleton("7B")
-    linear = {name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert linear == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
-    assert model.lm_head.weight is not model.model.embed_tokens.weight
-    assert model.get_submodule("model.layers.31.mlp.down_proj").weight.shape == (4096, 11008)
-    with pytest.raises(ValueError, match="size must be one of"):
-        llama_skeleton("70B")
-    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
-        llama_skeleton("7B", vocab_size=0)
-
-
-def test_memory_breakdown_of_llama_65b_adapts_every_block_linear_layer():
-    model = llama_skeleton("65B")
-    d, hidden, n_layer = LLAMA_SHAPES["65B"]
-    qlora = memory_breakdown(model, "qlora")
-    n_lora = n_layer * 64 * (4 * 2 * d + 3 * (d + hidden))  # q, k, v, o; gate, up, down
-    assert qlora["lora"] == 4 * n_lora and qlora["optimizer"] == 8 * n_lora
-    n_total = sum(p.numel() for p in model.parameters())
-    assert memory_breakdown(model, "full")["weights"] == 4 * n_total
-    assert 30 * 2**30 < qlora["weights"] < 36 * 2**30  # 64.8B weights at 4.127 bits + 0.5B in float32
-
-
 # --- the random-weight stand-in for the Hub's gpt2 (scripts/save_random_gpt2.py) ---
 
 
 def test_the_stand_in_has_gpt2_124m_shape_by_default():
     """GPT2Config()'s defaults, which the GPU run saves, are the Hub's GPT-2 124M."""
-    import transformers
-
+    transformers = pytest.importorskip("transformers")
     from lora_edu.gpt2 import PRESETS
 
     assert GPT2Config.from_hf_config(transformers.GPT2Config().to_dict()) == PRESETS["gpt2"]
 
 
 def test_the_stand_in_loads_through_load_pretrained_and_says_its_weights_are_random(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from save_random_gpt2 import SMALL as STAND_IN, save
+    pytest.importorskip("transformers")
+    from save_random_gpt2 import SMALL as STAND_IN, save  # scripts/, on the path by conftest.py
 
     from lora_edu.data import load_text
     from lora_edu.gpt2 import load_pretrained, load_tokenizer
@@ -824,6 +618,7 @@ def test_the_stand_in_loads_through_load_pretrained_and_says_its_weights_are_ran
 
 
 def test_a_hub_style_folder_has_pretrained_weights(tmp_path):
+    pytest.importorskip("transformers")
     small_hf_gpt2().save_pretrained(tmp_path)  # no lora_edu_random_weights in its config
     from lora_edu.gpt2 import load_pretrained
 

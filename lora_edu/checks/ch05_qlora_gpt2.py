@@ -14,8 +14,9 @@ from lora_edu.checks.core import (CheckFailed, as_number, call_learner, first_hi
                                   refuse_dotted_attributes, returned, seeded)
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora
+from lora_edu.memory import memory_breakdown
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
-from lora_edu.qlora import memory_breakdown, prepare_for_kbit_training, quantize_model
+from lora_edu.qlora import prepare_for_kbit_training, quantize_model
 
 __all__ = ["check_blocksize_experiment", "check_fine_tuning_bytes", "check_quantize_and_count", "check_training_step"]
 

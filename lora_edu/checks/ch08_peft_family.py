@@ -57,7 +57,7 @@ def check_vera_merge(merge_vera: Callable) -> None:
         x = torch.randn(7, fan_in, generator=g, dtype=torch.float64)
         with torch.no_grad():
             want = vera(x)
-        with _written_by_hand("the merge", (VeRALinear, "merged"), (VeRALinear, "forward")):
+        with _written_by_hand("the merge", (VeRALinear, "fold_into_base"), (VeRALinear, "forward")):
             answer = call_learner(merge_vera, weight.clone(), A_shared.clone(), B_shared.clone(), d.clone(),
                                   b.clone())
         answer = expect_tensor(answer, "merge_vera")
@@ -108,7 +108,7 @@ def check_ia3_merge(merge_ia3_into_qkv: Callable) -> None:
     x = torch.randn(5, width, generator=g, dtype=torch.float64)
     want = scaled(x).detach()
 
-    with _written_by_hand("the merge", (ScaleOutput, "merged"), (ScaleOutput, "forward")):
+    with _written_by_hand("the merge", (ScaleOutput, "fold_into_base"), (ScaleOutput, "forward")):
         answer = call_learner(merge_ia3_into_qkv, weight.clone(), bias.clone(), l_k.clone(), l_v.clone())
     if not isinstance(answer, tuple) or len(answer) != 2:
         raise CheckFailed("merge_ia3_into_qkv should return a pair (weight, bias).")
