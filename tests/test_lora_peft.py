@@ -1,5 +1,6 @@
-"""lora_edu.lora against Hugging Face PEFT: the same adapter files, the same numbers."""
+"""lora_edu.lora and lora_edu.peft_format against Hugging Face PEFT: the same adapter files, the same numbers."""
 
+import copy
 import json
 import warnings
 
@@ -10,18 +11,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from hf_models import small_hf_gpt2  # noqa: E402
-from lora_edu.gpt2 import GPT2, GPT2Config, state_dict_from_hf  # noqa: E402
 from lora_edu.lora import add_lora, lora_layers  # noqa: E402
 from lora_edu.peft_format import load_adapter, save_adapter  # noqa: E402
-
-SMALL = GPT2Config(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
-
-
-def ours_from(hf):
-    model = GPT2(SMALL)
-    model.load_state_dict(state_dict_from_hf(hf.state_dict()), strict=False)
-    return model.eval()
-
 
 def randomize(params, seed):
     """Random values for A and B (PEFT and we both start B at zero, which would prove nothing)."""
@@ -57,10 +48,10 @@ def _quiet():
 @pytest.mark.parametrize(
     "kwargs", [dict(r=4, alpha=8), dict(r=3, alpha=5, use_rslora=True, targets=["c_attn", "mlp.c_proj"])]
 )
-def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, idx, kwargs):
-    hf = small_hf_gpt2()
+def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, idx, kwargs, ours_and_hf):
+    ours, hf = ours_and_hf
     base_logits = logits(hf, idx)
-    ours = add_lora(ours_from(hf), **kwargs)
+    add_lora(ours, **kwargs)
     randomize([p for layer in lora_layers(ours).values() for p in (layer.lora_A.weight, layer.lora_B.weight)], seed=1)
     expected = ours(idx)
     assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter changes something
@@ -76,9 +67,8 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, idx, kwargs):
     torch.testing.assert_close(logits(peft_model, idx), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_peft_adapter_loads_here_with_the_same_logits(tmp_path, idx):
-    hf = small_hf_gpt2()
-    ours = ours_from(hf)
+def test_a_peft_adapter_loads_here_with_the_same_logits(tmp_path, idx, ours_and_hf):
+    ours, hf = ours_and_hf
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     peft_model = peft.get_peft_model(hf, config).eval()
     randomize(peft_lora_params(peft_model), seed=2)
@@ -118,18 +108,18 @@ def test_add_lora_on_hf_gpt2_matches_peft_for_the_same_a_and_b(tmp_path, idx):
 # then finds none on a model that is not a transformers one: both warnings are harmless here.
 @pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`", "ignore:Could not identify embedding layer")
 @pytest.mark.parametrize("exclude_modules", [["lm_head"], ["lm_head", "h.0.mlp.c_fc"], r"lm_head|.*\.0\.attn\..*"])
-def test_a_peft_all_linear_adapter_with_exclude_modules_loads_here(tmp_path, idx, exclude_modules):
+def test_a_peft_all_linear_adapter_with_exclude_modules_loads_here(tmp_path, idx, exclude_modules, ours_and_hf):
     """PEFT's all-linear spares the output head only on a Hugging Face model; on ours it is
     listed in target_modules and left out by exclude_modules, which load_adapter must honour."""
-    hf = small_hf_gpt2()
+    ours, _ = ours_and_hf
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=exclude_modules)
-    peft_model = peft.get_peft_model(ours_from(hf), config).eval()
+    peft_model = peft.get_peft_model(copy.deepcopy(ours), config).eval()
     randomize(peft_lora_params(peft_model), seed=4)
     expected = logits(peft_model, idx)
     peft_model.save_pretrained(tmp_path)
     assert "lm_head" in json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
 
-    ours = load_adapter(ours_from(hf), tmp_path)
+    load_adapter(ours, tmp_path)
     wrapped = {
         n.removeprefix("base_model.model.")
         for n, m in peft_model.named_modules()
@@ -140,14 +130,15 @@ def test_a_peft_all_linear_adapter_with_exclude_modules_loads_here(tmp_path, idx
 
 
 @pytest.mark.parametrize("targets", ["all-linear", ["c_attn", "mlp.c_proj"], r".*\.1\.mlp\.c_fc"])
-def test_an_adapter_of_our_gpt2_loads_in_peft_on_our_gpt2(tmp_path, idx, targets):
+def test_an_adapter_of_our_gpt2_loads_in_peft_on_our_gpt2(tmp_path, idx, targets, ours_and_hf):
     """Our GPT2 is no transformers model: PEFT wraps it as a plain PeftModel, which a
     task_type of CAUSAL_LM would break (it needs prepare_inputs_for_generation)."""
-    hf = small_hf_gpt2()
-    ours = add_lora(ours_from(hf), targets, r=4, alpha=8)
+    ours, _ = ours_and_hf
+    base = copy.deepcopy(ours)
+    add_lora(ours, targets, r=4, alpha=8)
     randomize([p for layer in lora_layers(ours).values() for p in (layer.lora_A.weight, layer.lora_B.weight)], seed=5)
     save_adapter(ours, tmp_path)
-    peft_model = peft.PeftModel.from_pretrained(ours_from(hf), tmp_path)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path)
     assert not any(m.training for m in peft_model.modules())
     wrapped = {
         n.removeprefix("base_model.model.")
