@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import statistics
 import time
 
 import torch
@@ -37,7 +36,7 @@ import torch.nn as nn
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, merge_lora
 from lora_edu.memory import saved_activation_bytes
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "dora_overhead.json", "cpu": RESULTS_DIR / "dora_overhead_cpu.json"}
 TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -76,17 +75,11 @@ def loss_of(name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x[:, :-1], x[:, 1:])[1]
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_training(models: dict, batch: torch.Tensor, plan: dict) -> dict[str, dict]:
     """Median seconds per training step, interleaved rounds; the peak memory of a step on CUDA."""
     device = batch.device.type
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR)
                   for name, m in models.items()}
-    times = {name: [] for name in models}
     peaks = {}
 
     def step(name: str) -> None:
@@ -99,43 +92,26 @@ def time_training(models: dict, batch: torch.Tensor, plan: dict) -> dict[str, di
         models[name].train()
         step(name)
         if device == "cuda":
-            sync(device), gc.collect(), torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(), gc.collect(), torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
             step(name)
-            sync(device)
+            torch.cuda.synchronize()
             peaks[name] = torch.cuda.max_memory_allocated() - held
-    for round_ in range(plan["rounds"]):
-        names = list(models)
-        names = names[round_ % len(names):] + names[: round_ % len(names)]  # each model takes a turn first
-        for name in names:
-            for _ in range(plan["steps"]):
-                sync(device)
-                start = time.perf_counter()
-                step(name)
-                sync(device)
-                times[name].append(time.perf_counter() - start)
-    return {name: {"median_seconds": statistics.median(t), **({"peak_step_bytes": peaks[name]} if peaks else {})}
-            for name, t in times.items()}
+    steps = {name: (lambda name=name: step(name)) for name in models}
+    seconds = interleaved_medians(steps, rounds=plan["rounds"], repeats=plan["steps"], device=device,
+                                  warm_up=0)  # warmed up above
+    return {name: {"median_seconds": seconds[name], **({"peak_step_bytes": peaks[name]} if peaks else {})}
+            for name in models}
 
 
 def time_inference(models: dict, tokens: torch.Tensor, plan: dict) -> dict[str, float]:
     """Median seconds per forward pass in eval mode, interleaved rounds."""
-    device = tokens.device.type
-    times = {name: [] for name in models}
+    for model in models.values():
+        model.eval()
+    forward = {name: (lambda model=model: model(tokens)) for name, model in models.items()}
     with torch.inference_mode():
-        for model in models.values():
-            model.eval()(tokens)
-        for round_ in range(plan["rounds"]):
-            names = list(models)
-            names = names[round_ % len(names):] + names[: round_ % len(names)]
-            for name in names:
-                for _ in range(plan["steps"] * 2):
-                    sync(device)
-                    start = time.perf_counter()
-                    models[name](tokens)
-                    sync(device)
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+        return interleaved_medians(forward, rounds=plan["rounds"], repeats=plan["steps"] * 2,
+                                   device=tokens.device.type)
 
 
 def main(argv: list[str] | None = None) -> dict:

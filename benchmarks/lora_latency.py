@@ -16,7 +16,6 @@ drift on the machine hits every model alike; ratios are to the base model in the
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, count_parameters, merge_lora
 from lora_edu.peft_family import adapter_parameters, add_serial_adapters
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "lora_latency.json", "cpu": RESULTS_DIR / "lora_latency_cpu.json"}
 GPU = {"preset": "gpt2-medium", "settings": [(32, 512), (16, 256), (1, 128)], "rounds": 5, "repeats": 20,
@@ -51,30 +50,6 @@ def build_models(plan: dict, device: str, dtype: torch.dtype) -> dict[str, torch
     return {name: model.eval() for name, model in models.items()}
 
 
-def median_latency(models: dict, tokens: torch.Tensor, rounds: int, repeats: int) -> dict[str, float]:
-    """Median seconds per forward pass, timed in interleaved rounds."""
-    device = tokens.device.type
-    times = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            model(tokens)  # warm up (CUDA kernels, allocator)
-        for round_ in range(rounds):
-            names = list(models)
-            names = names[round_ % len(names):] + names[: round_ % len(names)]  # each model takes a turn first
-            for name in names:
-                model = models[name]
-                model(tokens)
-                for _ in range(repeats):
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    model(tokens)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def trainable_parameters(name: str, model: torch.nn.Module) -> int:
     if name.startswith("adapter"):
         return adapter_parameters(model)
@@ -96,7 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for batch_size, seq_len in plan["settings"]:
         tokens = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-        latency = median_latency(models, tokens, plan["rounds"], plan["repeats"])
+        forward = {name: (lambda model=model: model(tokens)) for name, model in models.items()}
+        with torch.inference_mode():  # each turn after an untimed pass: the model before it filled the caches
+            latency = interleaved_medians(forward, rounds=plan["rounds"], repeats=plan["repeats"], device=device,
+                                          warm_each_turn=True)
         for name in METHODS:
             rows.append({
                 "batch_size": batch_size, "seq_len": seq_len, "method": name,

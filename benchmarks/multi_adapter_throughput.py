@@ -41,7 +41,6 @@ compare across methods.
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ import torch
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.peft_format import load_adapter, save_adapter
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 from lora_edu.serving import MultiAdapterModel
 
 OUT = {"cuda": RESULTS_DIR / "multi_adapter_throughput.json", "cpu": RESULTS_DIR / "multi_adapter_throughput_cpu.json"}
@@ -145,24 +144,6 @@ class MergeSwap:
         return out
 
 
-def median_seconds(calls: dict, rounds: int, device: str) -> dict[str, float]:
-    times = {name: [] for name in calls}
-    for fn in calls.values():
-        fn()  # warm up
-    for round_ in range(rounds):
-        names = list(calls)
-        names = names[round_ % len(names):] + names[: round_ % len(names)]
-        for name in names:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            calls[name]()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def measure_shape(shape: str, plan: dict, rounds: int, device: str, folder: Path) -> list[dict]:
     torch.manual_seed(0)
     config = GPT2Config.from_preset(shape)
@@ -212,7 +193,7 @@ def measure_shape(shape: str, plan: dict, rounds: int, device: str, folder: Path
                         "base_hf": lambda: hf(input_ids=idx),
                         "peft_mixed": lambda: models["peft_mixed"](input_ids=idx, adapter_names=names),
                     }
-                    seconds = median_seconds(calls, rounds, device)
+                    seconds = interleaved_medians(calls, rounds=rounds, device=device)
                 for method in METHODS:
                     reference = seconds["base_hf" if method in ("base_hf", "peft_mixed") else "base"]
                     rows.append({"shape": shape, "phase": phase, "layout": layout, "distinct_adapters": n,

@@ -25,7 +25,7 @@ import time
 import torch
 
 from lora_edu.nf4 import dequantize_nf4, dequantize_nf4_fast, nf4_code, quantize_nf4
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 
 OUT = {"cpu": RESULTS_DIR / "nf4_throughput.json", "cuda": RESULTS_DIR / "nf4_throughput_cuda.json"}
 BLOCKSIZE = 64
@@ -33,31 +33,11 @@ FULL = {"shapes": [(256, 4096), (4096, 4096)], "repeats": 7}
 QUICK = {"shapes": [(16, 256), (64, 256)], "repeats": 3}
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns: dict, device: str, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, run in turn ``repeats`` times after one warm-up each."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def copy_bandwidth(device: str, numel: int, repeats: int) -> float:
     """Bytes per second of a float32 copy into an existing buffer (read + write counted)."""
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
+    seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds=repeats, device=device)["copy"]
     return 2 * src.numel() * src.element_size() / seconds
 
 
@@ -137,7 +117,7 @@ def measure(device: str, shape: tuple[int, int], dtype: torch.dtype, double_quan
             "blocksize": BLOCKSIZE, "double_quant": double_quant, "bytes_moved": moved,
             "copy_bytes_per_second": copy_bytes_per_second,
         }
-        for name, seconds in interleaved_medians(fns, device, repeats).items():
+        for name, seconds in interleaved_medians(fns, rounds=repeats, device=device).items():
             row[name] = {
                 "median_seconds": seconds, "elements_per_second": numel / seconds, "bytes_per_second": moved / seconds,
             }

@@ -51,8 +51,7 @@ from lora_edu.peft_family import (
     add_vera,
     merge_peft,
 )
-from nf4_throughput import interleaved_medians
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
 
 OUT = RESULTS_DIR / "peft_family.json"
@@ -138,7 +137,7 @@ def latency(repeats: int) -> dict:
         model.eval()
         calls[name] = lambda model=model: model(tokens)
     with torch.inference_mode():
-        seconds = interleaved_medians(calls, "cpu", repeats)
+        seconds = interleaved_medians(calls, rounds=repeats)
     return {"batch_size": LATENCY_SHAPE[0], "seq_len": LATENCY_SHAPE[1], "repeats": repeats,
             "median_seconds": seconds, "over_base": {k: v / seconds["base"] for k, v in seconds.items()}}
 

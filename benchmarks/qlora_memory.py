@@ -31,7 +31,6 @@ would hold, so the CPU run measures those.
 from __future__ import annotations
 
 import gc
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from lora_edu.qlora import (
     prepare_for_kbit_training,
     quantize_model,
 )
-from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 
 OUT = {"cuda": RESULTS_DIR / "qlora_memory.json", "cpu": RESULTS_DIR / "qlora_memory_cpu.json"}
 METHODS = ("full", "lora_bf16", "qlora_lora_edu", "qlora_lora_edu_bnb", "qlora_peft")
@@ -152,31 +151,29 @@ def measure(method: str, preset: str, device: str, plan: dict, folder: Path) -> 
     seq = min(plan["seq_len"], config.block_size)
     batches = [torch.randint(0, config.vocab_size, (plan["batch_size"], seq + 1), generator=generator).to(device)
                for _ in range(plan["warmup_steps"] + plan["timed_steps"])]
-    model.train()
-    if device == "cuda":
-        gc.collect(), torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i, x in enumerate(batches):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    remaining, last = iter(batches), {}
+
+    def train_step() -> None:  # on the next batch
         with torch.autocast(device, dtype=amp, enabled=amp is not None):
-            loss = loss_of(method, model, x)
+            loss = loss_of(method, model, next(remaining))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
         optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= plan["warmup_steps"]:
-            times.append(time.perf_counter() - start)
+        last["loss"] = loss
+
+    model.train()
+    if device == "cuda":
+        gc.collect(), torch.cuda.empty_cache(), torch.cuda.reset_peak_memory_stats()
+    seconds = interleaved_medians({method: train_step}, rounds=plan["timed_steps"], device=device,
+                                  warm_up=plan["warmup_steps"])[method]
     tokens = plan["batch_size"] * seq
     row.update({
         "trainable_parameters": sum(p.numel() for p in trainable),
         "weight_bytes": tensor_bytes([*model.parameters(), *model.buffers()]) + quant_state_bytes(model),
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "tokens_per_second": tokens / statistics.median(times),
-        "final_loss": loss.item(),
+        "tokens_per_second": tokens / seconds,
+        "final_loss": last["loss"].item(),
     })
     with torch.autocast(device, dtype=amp, enabled=amp is not None):
         x = batches[0]  # the loss included: it keeps the log-probabilities for backward

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from lora_edu import results
+from lora_edu.plumbing import check_int
+
 __all__ = ["KERNEL_PATHS", "loss_tolerance", "matmul_tolerance"]
 
 _AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -52,8 +55,7 @@ def matmul_tolerance(magnitude: torch.Tensor | float, terms: int, dtype: torch.d
     two are within ``terms * eps`` of each other. ``magnitude`` is a tensor of such sums
     (``x.abs() @ w.abs().T``) or one number that bounds them all.
     """
-    if not isinstance(terms, int) or terms < 1:
-        raise ValueError(f"terms must be a positive int, got {terms!r}")
+    check_int(terms, "terms")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     return terms * torch.finfo(dtype).eps * magnitude
@@ -72,8 +74,6 @@ def loss_tolerance(run: str | None = None) -> float:
     at the same rate do: it is the run, not the rate alone). Without ``run``, the largest
     tolerance of all: for a run the benchmark does not measure.
     """
-    from lora_edu import results
-
     spreads = {row["run"]: row["spread"] for row in results.load("kernel_paths")["results"]}
     if run is None:
         return max(1e-5, 4 * max(spreads.values()))
