@@ -7,25 +7,20 @@ Chapter 2 plots the results; it runs only the r = 8 point itself. Every run uses
 lora_edu.train.MILTON_FINE_TUNE with lr 3e-3 and alpha 16 (fixed across ranks, as in
 Hu et al. 2021). About 5 minutes on 2 CPU cores.
 
-    python benchmarks/lora_rank_sweep.py   # writes lora_edu/results/lora_rank_sweep.json
+    python benchmarks/lora_rank_sweep.py           # writes lora_edu/results/lora_rank_sweep.json
+    python benchmarks/lora_rank_sweep.py --quick   # two ranks and one budget, 5 steps each; writes nothing
 """
 
 from __future__ import annotations
 
-import json
-import platform
-import sys
 import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
-
-import torch
 
 from lora_edu.data import load_split
 from lora_edu.gpt2 import load_tiny
 from lora_edu.lora import add_lora, count_parameters
-from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
-from lora_edu.results import RESULTS_DIR
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
+from lora_edu.train import MILTON_FINE_TUNE, TrainConfig, evaluate, seed_everything, train
 
 LORA_LR, ALPHA, SEED = 3e-3, 16, 0
 ALL_KINDS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
@@ -41,13 +36,16 @@ BUDGET = {
     "attn.c_attn only, r=16": (["attn.c_attn"], 16),
     "mlp.c_fc only, r=13": (["mlp.c_fc"], 13),
 }
+FULL = {"fine_tune": MILTON_FINE_TUNE, "ranks": RANKS, "budget": BUDGET}
+QUICK = {"fine_tune": replace(MILTON_FINE_TUNE, steps=5, warmup_steps=1, eval_every=5, eval_batches=1),
+         "ranks": RANKS[:2], "budget": dict(list(BUDGET.items())[:1])}  # a smoke test
 OUT = RESULTS_DIR / "lora_rank_sweep.json"
 
 
-def run(targets: list[str], r: int) -> dict:
+def run(targets: list[str], r: int, fine_tune: TrainConfig) -> dict:
     seed_everything(SEED)
     model = add_lora(load_tiny(), targets, r=r, alpha=ALPHA)
-    config = replace(MILTON_FINE_TUNE, lr=LORA_LR, seed=SEED)
+    config = replace(fine_tune, lr=LORA_LR, seed=SEED)
     history = train(model, load_split("milton", "train"), load_split("milton", "val"), config, progress=False)
     return {
         "targets": targets,
@@ -58,29 +56,24 @@ def run(targets: list[str], r: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    args = benchmark_arguments(__doc__, "ranks 1 and 2 and one budget, 5 steps each: a smoke test").parse_args(argv)
+    out = out_path(args, OUT)
+    plan = QUICK if args.quick else FULL
+    fine_tune = plan["fine_tune"]
     start = time.time()
     results = {"ranks": {}, "budget": {}}
-    for r in RANKS:
-        results["ranks"][str(r)] = run(ALL_KINDS, r)
+    for r in plan["ranks"]:
+        results["ranks"][str(r)] = run(ALL_KINDS, r, fine_tune)
         print(f"r={r}: {results['ranks'][str(r)]['milton_val_loss']:.3f}", flush=True)
-    for name, (targets, r) in BUDGET.items():
-        results["budget"][name] = run(targets, r)
+    for name, (targets, r) in plan["budget"].items():
+        results["budget"][name] = run(targets, r, fine_tune)
         print(f"{name}: {results['budget'][name]['milton_val_loss']:.3f}", flush=True)
-    record = {
-        "benchmark": "lora_rank_sweep",
-        "command": "python benchmarks/lora_rank_sweep.py",
-        "config": {**asdict(MILTON_FINE_TUNE), "lr": LORA_LR, "alpha": ALPHA, "seed": SEED},
-        "base_milton_val_loss": evaluate(load_tiny(), load_split("milton", "val"), MILTON_FINE_TUNE.block_size),
-        "results": results,
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start),
-    }
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {OUT}", file=sys.stderr)
+    config = {**asdict(fine_tune), "lr": LORA_LR, "alpha": ALPHA, "seed": SEED, "quick": args.quick}
+    base_loss = evaluate(load_tiny(), load_split("milton", "val"), fine_tune.block_size)
+    record = run_record("lora_rank_sweep", config, results, device="cpu", start=start, base_milton_val_loss=base_loss)
+    save(record, out)
+    return record
 
 
 if __name__ == "__main__":

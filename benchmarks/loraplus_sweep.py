@@ -22,18 +22,16 @@ an interrupted sweep keeps what it measured, and running the script again resume
 One thread (two threads on a shared 2-core machine were 8 times slower). About 40
 minutes on 2 CPU cores shared with other work.
 
-    python benchmarks/loraplus_sweep.py   # writes lora_edu/results/loraplus_sweep.json
+    python benchmarks/loraplus_sweep.py           # writes lora_edu/results/loraplus_sweep.json
+    python benchmarks/loraplus_sweep.py --quick   # a 2 x 2 grid, two seeds, one width, 5 steps a run; writes nothing
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -42,8 +40,8 @@ from lora_edu.data import load_split
 from lora_edu.gpt2 import GPT2, GPT2Config, load_tiny
 from lora_edu.lora import add_lora, lora_layers
 from lora_edu.loraplus import create_loraplus_optimizer
+from lora_edu.results import RESULTS_DIR, benchmark_arguments, out_path, run_record, save
 from lora_edu.train import MILTON_FINE_TUNE, TrainConfig, evaluate, seed_everything, train
-from lora_edu.results import RESULTS_DIR
 
 RANK, ALPHA = 8, 16
 SEEDS = [0, 1, 2]
@@ -60,6 +58,14 @@ PRETRAIN = TrainConfig(steps=150, batch_size=16, block_size=64, lr=2e-3, weight_
                        warmup_steps=30, min_lr_ratio=0.1, eval_every=150, eval_batches=4)
 WIDTH = replace(PRETRAIN, steps=100, lr=1e-3, weight_decay=0.0, warmup_steps=10, eval_every=100,
                 eval_batches=1)
+
+# The sweep the chapter reads, and --quick's smoke test of each of its parts
+FULL = {"seeds": SEEDS, "grid_start": GRID_START, "grow": True, "grid": GRID,
+        "widths": WIDTHS, "ratios": WIDTH_RATIOS, "pretrain": PRETRAIN, "width": WIDTH}
+FEW_STEPS = {"steps": 5, "warmup_steps": 1, "eval_every": 5, "eval_batches": 1}
+QUICK = {"seeds": SEEDS[:2], "grid_start": (3, 5), "grow": False, "grid": replace(GRID, **FEW_STEPS),
+         "widths": WIDTHS[:1], "ratios": [1, 4], "pretrain": replace(PRETRAIN, **FEW_STEPS),
+         "width": replace(WIDTH, **FEW_STEPS)}
 
 OUT = RESULTS_DIR / "loraplus_sweep.json"
 CACHE = Path(tempfile.gettempdir()) / "lora_edu_loraplus_width"  # the pretrained bases, for a resumed run
@@ -89,15 +95,15 @@ def lora_run(base: dict, config: GPT2Config | None, lr_a: float, lr_b: float, se
     return evaluate(model, data["val"], run_config.block_size, max_batches=EVAL_BATCHES)
 
 
-def width_base(width: int) -> tuple[GPT2Config, dict]:
+def width_base(width: int, pretrain: TrainConfig) -> tuple[GPT2Config, dict]:
     """A small GPT-2 of this width, pretrained briefly on Shakespeare (cached on disk)."""
-    config = GPT2Config(block_size=PRETRAIN.block_size, n_layer=2, n_head=4, n_embd=width)
-    path = CACHE / f"base_{width}.pt"
+    config = GPT2Config(block_size=pretrain.block_size, n_layer=2, n_head=4, n_embd=width)
+    path = CACHE / f"base_{width}_{pretrain.steps}_steps.pt"
     if path.exists():
         return config, torch.load(path)
     seed_everything(0)
     model = GPT2(config)
-    history = train(model, load_split("shakespeare", "train"), load_split("shakespeare", "val"), PRETRAIN,
+    history = train(model, load_split("shakespeare", "train"), load_split("shakespeare", "val"), pretrain,
                     progress=False)
     print(f"width {width}: pretrained, Shakespeare val loss {history.final_val_loss:.3f}", flush=True)
     CACHE.mkdir(exist_ok=True)
@@ -127,9 +133,23 @@ def cells(runs: list[dict], *keys: str) -> dict[tuple, list[float]]:
     return out
 
 
-def summarize(record: dict) -> dict:
+def grow(span: dict[str, list[int]], best: tuple[float, float]) -> bool:
+    """Widen ``span`` by a row or a column of ``LADDER`` where ``best`` lies on its edge; whether it did."""
+    grown = False
+    for key, value in zip(("lr_a", "lr_b"), best):
+        lo, hi = span[key]
+        if LADDER.index(value) == lo and lo > 0:
+            span[key][0] -= 1
+            grown = True
+        elif LADDER.index(value) == hi - 1 and hi < len(LADDER):
+            span[key][1] += 1
+            grown = True
+    return grown
+
+
+def summarize(runs: dict) -> dict:
     summary: dict = {}
-    grid = record["results"]["grid"]
+    grid = runs["grid"]
     if grid:
         table = cells(grid, "lr_a", "lr_b")
         (lr_a, lr_b), losses = min(table.items(), key=lambda kv: mean(kv[1]))
@@ -140,11 +160,8 @@ def summarize(record: dict) -> dict:
             "best_shared": {"lr": lr_d, "mean": mean(d_losses), "stderr": stderr(d_losses), "n": len(d_losses)},
         }
     widths = {}
-    for width in WIDTHS:
-        runs = [r for r in record["results"]["width"] if r["width"] == width]
-        if not runs:
-            continue
-        table = cells(runs, "ratio")
+    for width in sorted({r["width"] for r in runs["width"]}):
+        table = cells([r for r in runs["width"] if r["width"] == width], "ratio")
         by_ratio = {str(k[0]): {"mean": mean(v), "stderr": stderr(v), "n": len(v)} for k, v in sorted(table.items())}
         best = min(by_ratio, key=lambda k: by_ratio[k]["mean"])
         widths[str(width)] = {"best_ratio": float(best), "by_ratio": by_ratio}
@@ -152,68 +169,59 @@ def summarize(record: dict) -> dict:
     return summary
 
 
-def save(record: dict, start: float) -> None:
-    record["wall_seconds"] = record.get("wall_seconds_before", 0) + round(time.time() - start)
-    record["summary"] = summarize(record)
-    OUT.write_text(json.dumps(record, indent=1) + "\n")
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Resumable: the record is written after every run, and runs already in it are kept."""
+    parser = benchmark_arguments(__doc__, "a 2 x 2 grid, two seeds, one width, 5 steps a run: a smoke test")
+    args = parser.parse_args(argv)
+    out = out_path(args, OUT)
+    plan = QUICK if args.quick else FULL
     torch.set_num_threads(1)
-    start = time.time()
-    record = json.loads(OUT.read_text()) if OUT.exists() else {}
-    if record.get("results", {}).keys() != {"grid", "width"}:  # an older layout: start afresh
-        record = {"results": {"grid": [], "width": []}}
-    record.update({
-        "benchmark": "loraplus_sweep",
-        "command": "python benchmarks/loraplus_sweep.py",
-        "config": {
-            "rank": RANK, "alpha": ALPHA, "seeds": SEEDS, "ladder": LADDER,
-            "grid": asdict(GRID),
-            "eval_batches": EVAL_BATCHES,
-            "width": {"widths": WIDTHS, "lr_b": WIDTH_LR_B, "ratios": WIDTH_RATIOS, "n_layer": 2, "n_head": 4,
-                      "pretrain": asdict(PRETRAIN), "lora": asdict(WIDTH)},
-        },
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "complete": False,
-    })
-    record["wall_seconds_before"] = record.get("wall_seconds", 0)
+    earlier = json.loads(out.read_text()) if out is not None and out.exists() else {}
+    if earlier.get("results", {}).keys() != {"grid", "width"}:  # none yet, or an older layout: start afresh
+        earlier = {"results": {"grid": [], "width": []}}
+    runs = earlier["results"]
+    start = time.time() - earlier.get("wall_seconds", 0)  # the record's seconds count every resumed run
+    config = {
+        "rank": RANK, "alpha": ALPHA, "seeds": plan["seeds"], "ladder": LADDER,
+        "grid": asdict(plan["grid"]),
+        "eval_batches": EVAL_BATCHES,
+        "width": {"widths": plan["widths"], "lr_b": WIDTH_LR_B, "ratios": plan["ratios"], "n_layer": 2, "n_head": 4,
+                  "pretrain": asdict(plan["pretrain"]), "lora": asdict(plan["width"])},
+        "quick": args.quick,
+    }
+
+    def save_record(complete: bool = False) -> dict:
+        record = run_record("loraplus_sweep", config, runs, device="cpu", start=start, complete=complete,
+                            summary=summarize(runs))
+        save(record, out)
+        return record
+
     milton = {"train": load_split("milton", "train"), "val": load_split("milton", "val")}
-    grid_runs, width_runs = record["results"]["grid"], record["results"]["width"]
-    span = {"lr_a": list(GRID_START), "lr_b": list(GRID_START)}  # [lo, hi) indices into LADDER
+    grid_runs, width_runs = runs["grid"], runs["width"]
+    seeds = plan["seeds"]
+    span = {"lr_a": list(plan["grid_start"]), "lr_b": list(plan["grid_start"])}  # [lo, hi) indices into LADDER
     for key in span:  # resume with the grid as it had grown
         if grid_runs:
             span[key] = [min(LADDER.index(r[key]) for r in grid_runs), max(LADDER.index(r[key]) for r in grid_runs) + 1]
 
     def run_grid(lr_a: float, lr_b: float, seed: int) -> None:
         t = time.time()
-        loss = lora_run({}, None, lr_a, lr_b, seed, GRID, milton)
+        loss = lora_run({}, None, lr_a, lr_b, seed, plan["grid"], milton)
         grid_runs.append({"lr_a": lr_a, "lr_b": lr_b, "seed": seed, "loss": loss, "seconds": round(time.time() - t, 1)})
-        save(record, start)
+        save_record()
         print(f"grid seed {seed} lr_a {lr_a:g} lr_b {lr_b:g}: {loss:.4f} ({time.time() - t:.0f} s)", flush=True)
 
     def best_cell() -> tuple[float, float]:
         table = cells(grid_runs, "lr_a", "lr_b")
         return min(table, key=lambda k: mean(table[k]))
 
-    while True:  # seed 0 over the whole grid, grown until its best cell is inside
+    while True:  # seed 0 over the whole grid, grown (not with --quick) until its best cell is inside
         have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
         for lr_a in LADDER[slice(*span["lr_a"])]:
             for lr_b in LADDER[slice(*span["lr_b"])]:
-                if (lr_a, lr_b, SEEDS[0]) not in have:
-                    run_grid(lr_a, lr_b, SEEDS[0])
-        grown = False
-        for key, value in zip(("lr_a", "lr_b"), best_cell()):
-            lo, hi = span[key]
-            if LADDER.index(value) == lo and lo > 0:
-                span[key][0] -= 1
-                grown = True
-            elif LADDER.index(value) == hi - 1 and hi < len(LADDER):
-                span[key][1] += 1
-                grown = True
-        if not grown:
+                if (lr_a, lr_b, seeds[0]) not in have:
+                    run_grid(lr_a, lr_b, seeds[0])
+        if not plan["grow"] or not grow(span, best_cell()):
             break
     while True:  # the other seeds on the best cell, its four neighbours and the best shared rate, until it settles
         best = best_cell()
@@ -227,29 +235,26 @@ def main() -> None:
                 if span[key][0] <= i < span[key][1]:
                     block.append(tuple(LADDER[i] if k == axis else best[k] for k in (0, 1)))
         have = {(r["lr_a"], r["lr_b"], r["seed"]) for r in grid_runs}
-        missing = [(a, b, s) for s in SEEDS[1:] for a, b in block if (a, b, s) not in have]
+        missing = [(a, b, s) for s in seeds[1:] for a, b in block if (a, b, s) not in have]
         if not missing:
             break
         run_grid(*missing[0])
 
-    for seed in SEEDS:
-        for width in WIDTHS:
-            config, base = width_base(width)
-            data = milton
+    for seed in seeds:
+        for width in plan["widths"]:
+            architecture, base = width_base(width, plan["pretrain"])
             have = {(r["width"], r["ratio"], r["seed"]) for r in width_runs}
-            for ratio in WIDTH_RATIOS:
+            for ratio in plan["ratios"]:
                 if (width, ratio, seed) in have:
                     continue
                 t = time.time()
                 lr_a = WIDTH_LR_B / ratio
-                loss = lora_run(base, config, lr_a, WIDTH_LR_B, seed, WIDTH, data)
+                loss = lora_run(base, architecture, lr_a, WIDTH_LR_B, seed, plan["width"], milton)
                 width_runs.append({"width": width, "lr_a": lr_a, "lr_b": WIDTH_LR_B, "ratio": ratio, "seed": seed,
                                    "loss": loss, "seconds": round(time.time() - t, 1)})
-                save(record, start)
+                save_record()
                 print(f"width {width} seed {seed} ratio {ratio}: {loss:.4f} ({time.time() - t:.0f} s)", flush=True)
-    record["complete"] = True
-    save(record, start)
-    print(f"wrote {OUT}", file=sys.stderr)
+    return save_record(complete=True)
 
 
 if __name__ == "__main__":
