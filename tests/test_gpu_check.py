@@ -231,6 +231,14 @@ def test_runner_reports_what_the_notebook_left_behind(tmp_path):
     assert reported["reached"] == 1 and reported["never"].startswith("not evaluated")
 
 
+def test_the_step_table_gives_every_step_a_gpu_and_a_cpu_limit():
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    table = script.split("<<'TABLE'\n", 1)[1].split("\nTABLE\n", 1)[0]
+    rows = [line.split(maxsplit=3) for line in table.splitlines() if line.strip() and not line.startswith("#")]
+    assert [row[0] for row in rows] == STEPS
+    assert all(row[1].isdigit() and row[2].isdigit() and row[3] for row in rows), rows
+
+
 @pytest.mark.parametrize("script", ["gpu_check.sh", "download_gpu_wheels.sh"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / script)]).returncode == 0
