@@ -79,7 +79,7 @@ fork: $(STAMP)
 	$(BIN)/python scripts/sync_notebooks.py --repository $(REPO)
 
 # On a GPU machine without internet, run `bash scripts/gpu_check.sh` with the system's Python
-# instead (benchmarks/README.md says how); this target is for a GPU machine where make works.
+# instead (scripts/GPU.md says how); this target is for a GPU machine where make works.
 gpu: $(STAMP)
 	PYTHON=$(BIN)/python bash scripts/gpu_check.sh
 
