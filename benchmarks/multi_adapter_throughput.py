@@ -90,7 +90,7 @@ def hf_copy(base: GPT2):
     """Hugging Face's GPT2LMHeadModel with the same weights (its Conv1D stores them transposed)."""
     import transformers
 
-    from lora_edu.gpt2 import _CONV1D_SUFFIXES
+    from lora_edu.gpt2 import CONV1D_WEIGHTS
 
     config = base.config
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
@@ -98,7 +98,7 @@ def hf_copy(base: GPT2):
         n_embd=config.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=config.vocab_size - 1, eos_token_id=config.vocab_size - 1,
     ))
-    state = {k: v.t().contiguous() if k.endswith(_CONV1D_SUFFIXES) else v
+    state = {k: v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v
              for k, v in base.state_dict().items() if k != "lm_head.weight"}
     hf.load_state_dict(state, strict=False)
     return hf.eval()

@@ -23,6 +23,7 @@ from lora_edu.data import ByteTokenizer
 from lora_edu.plumbing import check_int, check_tensors_fit
 
 __all__ = [
+    "CONV1D_WEIGHTS",
     "GPT2",
     "GPT2Config",
     "PRESETS",
@@ -301,7 +302,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TINY_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny_gpt2.safetensors"
 
 # HF GPT-2 stores these four as Conv1D, whose weight is (in, out): the transpose of nn.Linear.
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def save_checkpoint(model: GPT2, path: str | os.PathLike) -> None:
@@ -354,7 +355,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         if not key.startswith("transformer."):
             key = "transformer." + key  # GPT2Model (no LM head) saves without the prefix
-        out[key] = value.t().contiguous() if key.endswith(_CONV1D_SUFFIXES) else value
+        out[key] = value.t().contiguous() if key.endswith(CONV1D_WEIGHTS) else value
     return out
 
 
