@@ -42,15 +42,8 @@ from tqdm import tqdm
 from lora_edu.data import load_split
 from lora_edu.gpt2 import load_tiny
 from lora_edu.lora import add_lora, count_parameters, lora_layers, merge_lora
-from lora_edu.peft_family import (
-    PromptTuned,
-    add_bitfit,
-    add_ia3,
-    add_prefix_tuning,
-    add_serial_adapters,
-    add_vera,
-    merge_peft,
-)
+from lora_edu.peft_family import (PromptTuned, add_bitfit, add_ia3, add_prefix_tuning, add_serial_adapters,
+                                  add_vera, merge_peft)
 from lora_edu.results import RESULTS_DIR, benchmark_arguments, interleaved_medians, out_path, run_record, save
 from lora_edu.train import MILTON_FINE_TUNE, evaluate, seed_everything, train
 
