@@ -1,7 +1,8 @@
 """scripts/gpu_check.sh, rehearsed on the CPU: every step of the GPU run must work before a GPU is lent.
 
-The rehearsal runs once per test session (about two minutes on 2 cores, a minute of it Chapter 5
-on the random-weight GPT-2 folder, twice); the tests below read what it wrote.
+The rehearsal runs once per test session (about six minutes on 2 cores, five of them Chapter 5
+on the random-weight GPT-2 folder, twice, most of it in float16, slow on a CPU); the tests below
+read what it wrote.
 """
 
 import json
