@@ -49,6 +49,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
+from lora_edu import gpt2
 from lora_edu.lora import lora_layers, select_modules
 from lora_edu.lora_layer import is_conv1d, is_linear, lora_scaling
 from lora_edu.peft_format import adapter_targets, read_adapter
@@ -363,11 +364,9 @@ class MultiAdapterModel(nn.Module):
         (``max(num_beams, num_return_sequences)`` copies, side by side); each copy keeps
         its row's adapter, as PEFT does for beams.
         """
-        from lora_edu.gpt2 import GPT2, generate
-
-        if isinstance(self.base_model, GPT2):
+        if isinstance(self.base_model, gpt2.GPT2):
             with self.serving(adapter_names, idx.shape[0]):
-                return generate(self.base_model, idx, max_new_tokens, **kwargs)
+                return gpt2.generate(self.base_model, idx, max_new_tokens, **kwargs)
         self.indices_for(adapter_names, idx.shape[0])  # checked against the rows as given, before copying
         config = kwargs.get("generation_config") or self.base_model.generation_config
         expand = max(check_int(kwargs.get(option, getattr(config, option, None) or 1), option)
