@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 
 from lora_edu.dora import DoRALinear
-# is_quantized is not used here: it stays importable from here, where Chapter 5 imports it.
-from lora_edu.lora_layer import LoRALinear, check_not_quantized, is_conv1d, is_linear, is_quantized
+from lora_edu.lora_layer import LoRALinear, check_not_quantized, is_conv1d, is_linear
 from lora_edu.plumbing import replace_module
 
 __all__ = [
@@ -82,12 +81,12 @@ def add_lora(
     for name, layer in wrapped.items():
         replace_module(model, name, layer)
     mark_only_lora_trainable(model)
-    # What lora_edu.peft_format.save_adapter writes as target_modules and exclude_modules
-    # ("all-linear" is saved as the names it chose).
+    # model.lora_targets: what was asked for, which lora_edu.peft_format.save_adapter writes as
+    # target_modules and exclude_modules ("all-linear" is saved as the names it chose).
     saved_exclude = None
     if exclude and targets != "all-linear":
         saved_exclude = exclude if isinstance(exclude, str) else list(exclude)
-    model._lora_targets = (targets, saved_exclude)
+    model.lora_targets = (targets, saved_exclude)
     return model
 
 

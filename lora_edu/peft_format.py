@@ -96,7 +96,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     targets, exclude = adapter_targets(config)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     add_lora(model, targets, exclude=exclude, dropout=config.get("lora_dropout", 0.0), **settings)
-    model._lora_targets = (config["target_modules"], config.get("exclude_modules"))
+    model.lora_targets = (config["target_modules"], config.get("exclude_modules"))
     try:
         _load_into_layers(model, lora_layers(model), settings, state, directory)
     except Exception:
@@ -179,7 +179,7 @@ def _targets_to_save(model: nn.Module, layers: dict[str, LoRALinear]) -> tuple[l
     "all-linear" is written as the full names, as PEFT does: on a Hugging Face model PEFT
     also leaves out the output head, on others not, so the names are the safe form.
     """
-    given = getattr(model, "_lora_targets", None)
+    given = getattr(model, "lora_targets", None)
     if given is not None and given[0] != "all-linear":
         targets, exclude = given
         chosen, unmatched = select_modules(_as_before_lora(model), targets, exclude or ())
