@@ -55,9 +55,15 @@ from lora_edu.nf4_bitexact import (
 from lora_edu.plumbing import check_int
 
 __all__ = [
+    "BLOCKSIZES",
+    "DQ_BLOCKSIZE",
     "NF4Linear",
     "NF4State",
+    "ZERO_CODE",
     "bits_per_parameter",
+    "check_blocksize",
+    "check_compute_dtype",
+    "check_weight",
     "dequantize_8bit_blockwise",
     "dequantize_int4",
     "dequantize_nf4",

@@ -61,7 +61,13 @@ def check_tensors_fit(state: Mapping[str, torch.Tensor], expected: Mapping[str, 
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where ``model``'s submodule ``name`` is, and return the one it replaced."""
+    """Put ``new`` where ``model``'s submodule ``name`` is, and return the one it replaced.
+
+    ``name`` is a dotted name from ``model.named_modules()``, not ``""``: the model itself
+    has no parent to hold a replacement.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be the dotted name of a submodule of model, got {name!r}")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)  # "" is the model itself
     old = getattr(parent, child)

@@ -52,3 +52,5 @@ def test_replace_module_swaps_one_child_and_returns_the_old():
     assert isinstance(model[1][0], nn.GELU) and isinstance(model[1][1], nn.Tanh)
     top = model[0]
     assert replace_module(model, "0", nn.Identity()) is top and isinstance(model[0], nn.Identity)
+    with pytest.raises(ValueError, match="name must be the dotted name of a submodule"):
+        replace_module(model, "", nn.Identity())

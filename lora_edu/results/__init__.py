@@ -116,10 +116,10 @@ def interleaved_medians(calls: Mapping[str, Callable[[], object]], *, rounds: in
     for call in calls.values():
         for _ in range(warm_up):
             call()
-    names = list(calls)
-    times = {name: [] for name in names}
+    order = list(calls)
+    times = {name: [] for name in order}
     for round_ in range(rounds):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+        for name in order[round_ % len(order):] + order[: round_ % len(order)]:
             if warm_each_turn:
                 calls[name]()
             for _ in range(repeats):
