@@ -10,7 +10,7 @@ machine hits each alike:
   ``LoraConfig(use_dora=...)``.
 
 A training step is forward, backward and an AdamW step. Per model: the median step time;
-the bytes autograd saves for backward (``lora_edu.qlora.saved_activation_bytes``, the
+the bytes autograd saves for backward (``lora_edu.memory.saved_activation_bytes``, the
 same on any device); on a GPU the peak memory of a step too. The ratios that matter are
 DoRA over LoRA within one implementation, and ours over PEFT's for each method.
 

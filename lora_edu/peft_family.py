@@ -25,7 +25,7 @@ weights (then serving costs nothing extra) or not:
 
 LoRA and DoRA are :mod:`lora_edu.lora` and :mod:`lora_edu.dora`. :func:`merge_peft` merges
 what can be merged and refuses the rest by name. One method per model: each ``add_*``
-refuses a model that already holds another method's layers.
+that adds layers refuses a model that already holds another method's (BitFit adds none).
 """
 
 from __future__ import annotations

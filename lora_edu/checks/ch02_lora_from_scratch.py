@@ -12,7 +12,7 @@ from lora_edu.checks.core import (CheckFailed, as_number, call_learner, counting
                                   first_changed, first_hint, is_number, learner_raised, name_of, passed,
                                   refuse_dotted_attributes, returned, seeded)
 from lora_edu.gpt2 import GPT2, GPT2Config
-from lora_edu.lora import add_lora, count_parameters
+from lora_edu.lora import add_lora, count_parameters, name_matches
 from lora_edu.lora_layer import LoRALinear
 
 __all__ = [
@@ -178,7 +178,7 @@ def _small_model() -> GPT2:
 
 
 def _matches(name: str, names: list[str]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in names)
+    return any(name_matches(name, t) for t in names)
 
 
 def check_inject_lora(inject_lora: Callable) -> None:

@@ -14,7 +14,7 @@ from lora_edu.checks.core import (CheckFailed, as_number, call_learner, first_hi
                                   refuse_dotted_attributes, returned, seeded)
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora
-from lora_edu.memory import memory_breakdown
+from lora_edu.memory import METHODS, memory_breakdown
 from lora_edu.nf4 import NF4Linear, bits_per_parameter, dequantize_nf4, quantize_nf4
 from lora_edu.qlora import prepare_for_kbit_training, quantize_model
 
@@ -24,12 +24,11 @@ __all__ = ["check_blocksize_experiment", "check_fine_tuning_bytes", "check_quant
 # ---------------------------------------------------------------------------
 # Exercise 5.1: the bytes of weights, gradients and Adam states.
 
-METHODS = ("full", "lora", "qlora")
 _QBITS = bits_per_parameter(64, double_quant=True)  # 4.127 bits per 4-bit weight, absmaxes included
 
 
 def _reference_bytes(n_linear: int, n_other: int, n_lora: int, method: str) -> float:
-    """The rules of lora_edu.qlora.memory_breakdown, without its rounding of the 4-bit bytes."""
+    """The rules of lora_edu.memory.memory_breakdown, without its rounding of the 4-bit bytes."""
     n = n_linear + n_other
     if method == "full":
         return 16 * n
@@ -149,7 +148,7 @@ def _close_bytes(got: float, want: float) -> bool:
 
 def check_fine_tuning_bytes(fine_tuning_bytes: Callable[[int, int, int, str], float]) -> None:
     """Exercise 5.1: ``fine_tuning_bytes(n_linear, n_other, n_lora, method)``, the bytes of weights, gradients
-    and Adam states to fine-tune with ``method`` in "full", "lora", "qlora" (as lora_edu.qlora.memory_breakdown)."""
+    and Adam states to fine-tune with ``method`` in "full", "lora", "qlora" (as lora_edu.memory.memory_breakdown)."""
     cases = list(_bytes_cases())
     for method in METHODS:
         got = []
