@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import os
@@ -170,11 +171,14 @@ def test_load_checkpoint_errors(tmp_path):
 
 # --- Hugging Face GPT-2 ---
 
-transformers = pytest.importorskip("transformers")
+from hf_models import small_hf_gpt2  # noqa: E402  (it imports transformers when called)
 
-from hf_models import small_hf_gpt2  # noqa: E402
+# Only these tests need transformers; the ones above run without it.
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="needs transformers (Hugging Face's GPT-2)")
 
 
+@needs_transformers
 def test_hf_state_dict_gives_the_same_logits():
     hf = small_hf_gpt2()
     ours = GPT2(SMALL)
@@ -184,6 +188,7 @@ def test_hf_state_dict_gives_the_same_logits():
     assert torch.allclose(ours.eval()(idx), hf(idx).logits, atol=1e-5)
 
 
+@needs_transformers
 def test_load_pretrained_from_a_saved_hf_folder(tmp_path):
     hf = small_hf_gpt2()
     hf.save_pretrained(tmp_path)  # config.json + model.safetensors, as on the hub
@@ -193,6 +198,7 @@ def test_load_pretrained_from_a_saved_hf_folder(tmp_path):
     assert torch.allclose(ours(idx), hf(idx).logits, atol=1e-5)
 
 
+@needs_transformers
 def test_load_pretrained_names_mismatched_shapes(tmp_path):
     small_hf_gpt2().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -202,6 +208,7 @@ def test_load_pretrained_names_mismatched_shapes(tmp_path):
         load_pretrained(str(tmp_path))
 
 
+@needs_transformers
 def test_load_pretrained_refuses_unknown_names_and_incomplete_folders(tmp_path):
     with pytest.raises(ValueError, match="name_or_path must be one of"):
         load_pretrained("gpt5")
@@ -210,6 +217,7 @@ def test_load_pretrained_refuses_unknown_names_and_incomplete_folders(tmp_path):
         load_pretrained(str(tmp_path))
 
 
+@needs_transformers
 @pytest.mark.parametrize("call, what_ships", [("load_pretrained", "load_tiny()"), ("load_tokenizer", "ByteTokenizer()")])
 def test_loading_from_the_hub_offline_points_at_what_the_package_ships(tmp_path, call, what_ships):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
@@ -219,6 +227,7 @@ def test_loading_from_the_hub_offline_points_at_what_the_package_ships(tmp_path,
     assert "Are you offline?" in result.stderr and what_ships in result.stderr
 
 
+@needs_transformers
 def test_load_tokenizer_reads_a_saved_folder(tmp_path):
     # A small byte-level BPE trained here stands in for GPT-2's (which needs the hub).
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -236,6 +245,7 @@ def test_load_tokenizer_reads_a_saved_folder(tmp_path):
     assert len(ids) < len("the fruit of that forbidden tree")  # merges happened: it is not bytes
 
 
+@needs_transformers
 def test_load_tokenizer_names_a_folder_without_tokenizer_files(tmp_path):
     with pytest.raises(RuntimeError, match="could not load the tokenizer"):
         load_tokenizer(str(tmp_path))
