@@ -22,6 +22,11 @@ weights (then serving costs nothing extra) or not:
   fresh adapter is the identity, as LoRA's B = 0 is. In series with the model and
   nonlinear, it cannot merge, and every forward pass waits for it: the latency the LoRA
   paper's Table 1 measures.
+- **AdaMix** (Wang et al., 2022) trains several copies of each layer's LoRA A beside one
+  shared B, routes every training pass through a random copy per layer, and pulls two
+  routes' predictions together with a consistency loss
+  (:func:`lora_edu.train.symmetric_kl`). Averaged, the copies are one LoRA adapter again
+  (:func:`merge_adamix`), which merges as LoRA does.
 
 LoRA and DoRA are :mod:`lora_edu.lora` and :mod:`lora_edu.dora`. :func:`merge_peft` merges
 what can be merged and refuses the rest by name. One method per model: each ``add_*``
@@ -37,26 +42,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora_edu.gpt2 import GPT2
-from lora_edu.lora_layer import LoRALinear
+from lora_edu.lora import merge_lora
+from lora_edu.lora_layer import LoRALinear, is_quantized, lora_scaling
 from lora_edu.plumbing import check_int, check_seed, replace_module
 from lora_edu.serving import MultiLoRALinear
 
 __all__ = [
+    "BLOCK_MATRICES",
+    "AdaMixLinear",
     "PrefixAttention",
     "PromptTuned",
     "ScaleInput",
     "ScaleOutput",
     "SerialAdapter",
     "VeRALinear",
+    "adamix_layers",
     "adapter_parameters",
+    "add_adamix",
     "add_bitfit",
     "add_ia3",
     "add_prefix_tuning",
     "add_serial_adapters",
     "add_vera",
+    "check_adamix_options",
+    "merge_adamix",
     "merge_peft",
     "vera_projections",
 ]
+
+
+# The linear layers of every block, by name inside the block: what VeRA and AdaMix adapt.
+BLOCK_MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def add_bitfit(model: nn.Module) -> nn.Module:
@@ -296,11 +312,8 @@ class VeRALinear(nn.Module):
         return self.layer
 
 
-VERA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-
 def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int = 0,
-             targets: tuple[str, ...] = VERA_TARGETS) -> nn.Module:
+             targets: tuple[str, ...] = BLOCK_MATRICES) -> nn.Module:
     """VeRA in place on every block's ``targets``: one pair of random matrices for all of them.
 
     Trains ``r + out_features`` numbers per adapted layer. ``seed`` fixes the shared matrices
@@ -308,11 +321,7 @@ def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int =
     """
     blocks = _blocks(model)
     check_int(r, "r")
-    if isinstance(targets, str) or not targets or any(t not in VERA_TARGETS for t in targets):
-        raise ValueError(f"targets must be a non-empty list of names from {VERA_TARGETS}, got {targets!r}")
-    twice = sorted({t for t in targets if list(targets).count(t) > 1})
-    if twice:
-        raise ValueError(f"targets names {', '.join(map(repr, twice))} twice; name each layer once")
+    targets = _checked_targets(targets)
     check_seed(seed)
     _refuse_other_methods(model, "VeRA")
     layers = [(block, name) for block in blocks for name in targets]
@@ -377,6 +386,156 @@ def add_serial_adapters(model: nn.Module, bottleneck: int,
     return model
 
 
+# ----------------------------------------------------------------------------------------
+# AdaMix: a mixture of LoRA copies that merges back into one
+# ----------------------------------------------------------------------------------------
+
+
+class AdaMixLinear(nn.Module):
+    """``layer(x) + scaling * B_k A_k x``, with one of ``copies`` LoRA copies picked per forward pass.
+
+    AdaMix (Wang et al., 2022) trains several copies of a layer's adaptation and routes
+    every forward pass in training through a random one of them (the whole batch takes the
+    same copy; each layer draws its own). With ``share_b`` (the paper's LoRA variant) the
+    copies are ``copies`` matrices A_k and one shared B; otherwise each copy has its own B.
+    The copies start equal, as one LoRA layer starts (microsoft/AdaMix deep-copies one), and
+    part as each is trained only on the passes routed through it.
+    Each copy is its own parameter, so an unrouted one gets no gradient at all (None), and
+    AdamW leaves it exactly as it was that step. In eval mode the layer computes with the
+    average of the copies, what :func:`merge_adamix` makes permanent: with B shared that is
+    exactly the average of the copies' outputs, since B (mean_k A_k) x = mean_k B A_k x.
+    Routes come from ``generator``, so a seed fixes them; ``last_route`` is the copy the
+    latest training pass took.
+    """
+
+    def __init__(self, layer: nn.Linear, r: int, alpha: float, copies: int, share_b: bool = True,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if not isinstance(layer, nn.Linear) or is_quantized(layer):
+            raise TypeError(f"layer must be an nn.Linear (AdaMix here averages float A matrices into one "
+                            f"LoRALinear), got {type(layer).__name__}")
+        check_adamix_options(r, alpha, copies, share_b)
+        self.layer, self.r, self.alpha, self.scaling = layer, r, alpha, lora_scaling(alpha, r)
+        self.generator = torch.Generator().manual_seed(0) if generator is None else generator
+        kw = dict(bias=False, device=layer.weight.device, dtype=layer.weight.dtype)
+        self.lora_A = nn.ModuleList(nn.Linear(layer.in_features, r, **kw) for _ in range(copies))
+        self.lora_B = nn.ModuleList(nn.Linear(r, layer.out_features, **kw) for _ in range(1 if share_b else copies))
+        with torch.no_grad():  # every copy starts as one LoRA layer starts (A Kaiming-uniform, B = 0), as
+            start = nn.init.kaiming_uniform_(torch.empty(r, layer.in_features), a=math.sqrt(5),
+                                             generator=self.generator)  # the reference code's deepcopy
+            for a in self.lora_A:
+                a.weight.copy_(start)
+            for b in self.lora_B:
+                nn.init.zeros_(b.weight)
+        layer.requires_grad_(False)
+        self.last_route: int | None = None
+        self.train(layer.training)
+
+    @property
+    def copies(self) -> int:
+        return len(self.lora_A)
+
+    @property
+    def share_b(self) -> bool:
+        return len(self.lora_B) == 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            k = int(torch.randint(self.copies, (1,), generator=self.generator))
+            self.last_route = k
+            A, B = self.lora_A[k].weight, self.lora_B[0 if self.share_b else k].weight
+        else:
+            A, B = self.averaged()
+        return self.layer(x) + F.linear(F.linear(x, A), B) * self.scaling
+
+    def averaged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the merged adapter: the mean of the copies' A, and of their B unless it is shared."""
+        A = torch.stack([a.weight for a in self.lora_A]).mean(0)
+        return A, torch.stack([b.weight for b in self.lora_B]).mean(0)
+
+    @torch.no_grad()
+    def to_lora(self, route: int | None = None) -> LoRALinear:
+        """One LoRALinear around the same base layer: the average of the copies, or copy ``route`` alone."""
+        if route is None:
+            A, B = self.averaged()
+        else:
+            check_int(route, "route", minimum=0, below=self.copies, below_name="copies")
+            A, B = self.lora_A[route].weight, self.lora_B[0 if self.share_b else route].weight
+        lora = LoRALinear(self.layer, self.r, self.alpha)
+        lora.lora_A.weight.copy_(A), lora.lora_B.weight.copy_(B)
+        return lora.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"copies={self.copies}, r={self.r}, alpha={self.alpha}, share_b={self.share_b}"
+
+
+def check_adamix_options(r, alpha, copies, share_b) -> None:
+    """AdaMix's options, checked before anything is built (``ValueError`` or ``TypeError`` naming the argument)."""
+    check_int(r, "r")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    check_int(copies, "copies", minimum=2)  # one copy is LoRA: nothing to mix
+    if not isinstance(share_b, bool):
+        raise TypeError(f"share_b must be True or False, got {share_b!r}")
+
+
+def add_adamix(model: nn.Module, r: int = 8, alpha: float = 16, copies: int = 4, share_b: bool = True,
+               seed: int = 0, targets: tuple[str, ...] = BLOCK_MATRICES) -> nn.Module:
+    """AdaMix with LoRA copies, in place, on every block's ``targets``: ``copies`` A per layer, B shared.
+
+    Only the copies train: ``r * (copies * in + out)`` numbers per layer with ``share_b``
+    (``copies * r * (in + out)`` without), against LoRA's ``r * (in + out)``; once merged
+    (:func:`merge_adamix`) the model holds a plain LoRA adapter of rank ``r``. The layers
+    share one generator seeded with ``seed``, drawn in forward order: the same seed and
+    the same passes give the same routes. Train with ``TrainConfig(consistency_weight=...)``
+    for the paper's consistency loss between two routes.
+    """
+    blocks = _blocks(model)
+    check_adamix_options(r, alpha, copies, share_b)
+    targets = _checked_targets(targets)
+    check_seed(seed)
+    _refuse_other_methods(model, "AdaMix")
+    generator = torch.Generator().manual_seed(seed)  # the copies' starting A, then every route
+    built = {}  # every layer built (or refused) before any is put in
+    for i, block in enumerate(blocks):
+        for name in targets:
+            try:
+                built[i, name] = AdaMixLinear(block.get_submodule(name), r, alpha, copies, share_b, generator)
+            except TypeError as err:
+                raise TypeError(f"transformer.h.{i}.{name}: {err}; the model was left unchanged") from None
+    _freeze(model)
+    for (i, name), layer in built.items():
+        replace_module(blocks[i], name, layer)
+        for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters()):
+            p.requires_grad_(True)
+    return model
+
+
+def adamix_layers(model: nn.Module) -> dict[str, AdaMixLinear]:
+    """Every :class:`AdaMixLinear` in ``model``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdaMixLinear)}
+
+
+def merge_adamix(model: nn.Module, route_seed: int | None = None) -> nn.Module:
+    """Replace every AdaMix layer by one LoRALinear, in place: the average of its copies (the paper's merge).
+
+    ``route_seed`` instead keeps one random copy per layer, drawn from that seed: a single
+    route, the ablation that asks what averaging adds. Either way the result is a LoRA model,
+    which :func:`lora_edu.lora.merge_lora` folds into the base weights and
+    :func:`lora_edu.peft_format.save_adapter` saves as PEFT does.
+    """
+    layers = adamix_layers(model)
+    if not layers:
+        raise ValueError("model has no AdaMix layers (add_adamix puts them in); there is nothing to merge")
+    if route_seed is not None:
+        check_seed(route_seed)
+        g = torch.Generator().manual_seed(route_seed)
+        routes = {name: int(torch.randint(layer.copies, (1,), generator=g)) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        replace_module(model, name, layer.to_lora(None if route_seed is None else routes[name]))
+    return model
+
+
 def adapter_parameters(model: nn.Module) -> int:
     """How many parameters the serial adapters in ``model`` hold."""
     adapters = [m for m in model.modules() if isinstance(m, SerialAdapter)]
@@ -384,8 +543,9 @@ def adapter_parameters(model: nn.Module) -> int:
 
 
 def merge_peft(model: nn.Module) -> nn.Module:
-    """Merge (IA)³ vectors and VeRA into the weights, in place; BitFit needs nothing. Refuses what cannot merge.
+    """Merge (IA)³ vectors, VeRA and AdaMix into the weights, in place; BitFit needs nothing. Refuses what cannot merge.
 
+    AdaMix is first averaged into one LoRA adapter (:func:`merge_adamix`), which merges as LoRA does.
     Prompt tuning, prefix tuning and serial adapters add inputs, attention entries or layers
     that no change of the existing weights can reproduce: they raise a TypeError that says so.
     """
@@ -404,6 +564,8 @@ def merge_peft(model: nn.Module) -> nn.Module:
                  if isinstance(module, (ScaleOutput, ScaleInput, VeRALinear))]
     for name, module in mergeable:  # each wraps a linear layer, which it rewrites and hands back
         replace_module(model, name, module.fold_into_base())
+    if adamix_layers(model):
+        merge_lora(merge_adamix(model))
     return model
 
 
@@ -421,11 +583,21 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     return model.transformer.h
 
 
+def _checked_targets(targets) -> tuple[str, ...]:
+    """``targets`` as a tuple, if it names block matrices, each once; ``ValueError`` otherwise."""
+    if isinstance(targets, str) or not targets or any(t not in BLOCK_MATRICES for t in targets):
+        raise ValueError(f"targets must be a non-empty list of names from {BLOCK_MATRICES}, got {targets!r}")
+    twice = sorted({t for t in targets if list(targets).count(t) > 1})
+    if twice:
+        raise ValueError(f"targets names {', '.join(map(repr, twice))} twice; name each layer once")
+    return tuple(targets)
+
+
 def _method_layers(model: nn.Module) -> dict[str, list[str]]:
     """Which fine-tuning method's layers the model already holds, by method: {method: [module names]}."""
     kinds = ((LoRALinear, "LoRA"), (MultiLoRALinear, "a multi-adapter pool"), (ScaleOutput, "(IA)³"),
              (ScaleInput, "(IA)³"), (VeRALinear, "VeRA"), (PrefixAttention, "prefix tuning"),
-             (SerialAdapter, "serial adapters"))
+             (SerialAdapter, "serial adapters"), (AdaMixLinear, "AdaMix"))
     found: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         for kind, method in kinds:

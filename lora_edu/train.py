@@ -25,7 +25,9 @@ __all__ = [
     "evaluate",
     "make_adamw",
     "seed_everything",
+    "symmetric_kl",
     "train",
+    "training_loss",
     "weight_decay_groups",
 ]
 
@@ -62,6 +64,10 @@ class TrainConfig:
     # Mixed precision: run the forward pass under torch.autocast in this dtype (bfloat16, or
     # float16 on GPUs without bf16, which also scales the loss so small gradients survive).
     amp_dtype: torch.dtype | None = None
+    # > 0: every step runs a second forward pass and adds this weight times the symmetric KL
+    # between the two passes' predictions (AdaMix's consistency loss: the passes take different
+    # random routes, as R-Drop's take different dropout masks). Each step then costs two passes.
+    consistency_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "block_size", "eval_every"):
@@ -72,6 +78,10 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
         if not 0 < self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio!r}")
+        weight = self.consistency_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+            raise ValueError(f"consistency_weight must be a finite number >= 0 (0 turns the second pass off), "
+                             f"got {weight!r}")
         if self.amp_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {self.amp_dtype!r}")
 
@@ -123,6 +133,36 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def symmetric_kl(logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """½ (KL(q ‖ p) + KL(p ‖ q)) per token, averaged over tokens, between two passes' predictions.
+
+    ``p`` and ``q`` are the softmaxes of ``logits`` and ``other_logits`` (..., vocab). As in
+    microsoft/AdaMix's ``symmetric_KL_loss``, each KL treats its target as fixed (detached):
+    the term pulls each pass towards the other, not the other towards it. Zero when the two
+    passes agree.
+    """
+    if logits.shape != other_logits.shape:
+        raise ValueError(f"logits and other_logits must have one shape, got {tuple(logits.shape)} and "
+                         f"{tuple(other_logits.shape)}")
+    log_p = torch.log_softmax(logits.float().flatten(0, -2), dim=-1)
+    log_q = torch.log_softmax(other_logits.float().flatten(0, -2), dim=-1)
+    # kl_div(input, target) is KL(target ‖ input), with input as log-probabilities
+    kl_q_p = torch.nn.functional.kl_div(log_p, log_q.detach(), reduction="batchmean", log_target=True)
+    kl_p_q = torch.nn.functional.kl_div(log_q, log_p.detach(), reduction="batchmean", log_target=True)
+    return 0.5 * (kl_q_p + kl_p_q)
+
+
+def training_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, consistency_weight: float = 0.0) -> torch.Tensor:
+    """The loss a training step backpropagates: the cross-entropy of one forward pass, plus,
+    with ``consistency_weight`` > 0, that weight times :func:`symmetric_kl` between this pass's
+    predictions and a second pass's (which takes other random routes, or dropout masks)."""
+    logits, loss = model(x, y)
+    if consistency_weight > 0:
+        other_logits, _ = model(x, y)
+        loss = loss + consistency_weight * symmetric_kl(logits, other_logits)
+    return loss
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -168,7 +208,8 @@ def train(
 
     ``optimizer`` defaults to :func:`make_adamw`; pass your own to set parameter
     groups (LoRA+). The learning rate of every group follows ``config.lr_at`` scaled
-    by the ratio of that group's initial lr to ``config.lr``.
+    by the ratio of that group's initial lr to ``config.lr``. ``history.train_loss`` is
+    the loss trained on, consistency term included.
     """
     if optimizer is None:
         optimizer = make_adamw(model, config.lr, config.weight_decay)
@@ -194,7 +235,7 @@ def train(
             group["lr"] = base_lr * scale
         x, y = get_batch(train_ids, config.batch_size, config.block_size, generator)
         with torch.autocast(device.type, dtype=config.amp_dtype, enabled=config.amp_dtype is not None):
-            _, loss = model(x.to(device), y.to(device))
+            loss = training_loss(model, x.to(device), y.to(device), config.consistency_weight)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if config.grad_clip is not None:

@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 from lora_edu.checks import CheckFailed
-from lora_edu.checks.ch08_peft_family import check_ia3_merge, check_prompt_tuned_logits, check_vera_merge
-from lora_edu.peft_family import PromptTuned, ScaleOutput, VeRALinear
+from lora_edu.checks.ch08_peft_family import (check_adamix_exact_merge, check_ia3_merge, check_prompt_tuned_logits,
+                                              check_vera_merge)
+from lora_edu.peft_family import AdaMixLinear, PromptTuned, ScaleOutput, VeRALinear
 
 
 def stub(*args):
@@ -192,3 +193,66 @@ def test_prompt_accepts(right, capsys):
 @pytest.mark.parametrize("name", WRONG_PROMPT)
 def test_prompt_rejects(name):
     expect(check_prompt_tuned_logits, *WRONG_PROMPT[name])
+
+
+# --- Exercise 8.5: the exact merge of AdaMix copies that share nothing ---
+
+def exact_right(A, B, scaling):
+    return scaling * torch.einsum("kor,kri->oi", B, A) / A.shape[0]
+
+
+def exact_loop(A, B, scaling):
+    return sum(b @ a for a, b in zip(A, B)) * scaling / len(A)
+
+
+def rank_right(copies, r, in_features, out_features):
+    return min(copies * r, in_features, out_features)
+
+
+def exact_by_the_package(A, B, scaling):
+    copies, r, fan_in = A.shape
+    layer = AdaMixLinear(nn.Linear(fan_in, B.shape[1], dtype=A.dtype), r=r, alpha=scaling * r, copies=copies,
+                         share_b=False)
+    with torch.no_grad():
+        for k in range(copies):
+            layer.lora_A[k].weight.copy_(A[k]), layer.lora_B[k].weight.copy_(B[k])
+    lora = layer.to_lora()
+    return lora.delta_weight().detach()
+
+
+WRONG_EXACT = {
+    "averaged apart": (lambda A, B, s: B.mean(0) @ A.mean(0) * s, "averages the A's and the B's apart"),
+    "summed": (lambda A, B, s: torch.einsum("kor,kri->oi", B, A) * s, "times too large"),
+    "no scaling": (lambda A, B, s: torch.einsum("kor,kri->oi", B, A) / len(A), "scaling is missing"),
+    "first copy": (lambda A, B, s: B[0] @ A[0] * s, "first copy alone"),
+    "transposed": (lambda A, B, s: exact_right(A, B, s).T, "transpose"),
+    "other": (lambda A, B, s: exact_right(A, B, s) + 1e-3, "average those matrices"),
+    "stub": (stub, "still the stub"),
+    "the package's merge": (exact_by_the_package, r"calls the package's AdaMixLinear\.to_lora\(\)"),
+}
+WRONG_RANK = {
+    "one copy's": (lambda M, r, i, o: r, "one copy's rank"),
+    "unbounded": (lambda M, r, i, o: M * r, "bounded by its own shape"),
+    "the shape's": (lambda M, r, i, o: min(i, o), "the copies bound it too"),
+    "other": (lambda M, r, i, o: M + r, "count the directions"),
+}
+
+
+@pytest.mark.parametrize("right", [exact_right, exact_loop])
+def test_adamix_exact_merge_accepts(right, capsys):
+    check_adamix_exact_merge(right, rank_right)
+    assert capsys.readouterr().out.startswith("Correct")
+
+
+@pytest.mark.parametrize("name", WRONG_EXACT)
+def test_adamix_exact_merge_rejects(name):
+    fn, message = WRONG_EXACT[name]
+    with pytest.raises(CheckFailed, match=message):
+        check_adamix_exact_merge(fn, rank_right)
+
+
+@pytest.mark.parametrize("name", WRONG_RANK)
+def test_adamix_largest_rank_rejects(name):
+    fn, message = WRONG_RANK[name]
+    with pytest.raises(CheckFailed, match=message):
+        check_adamix_exact_merge(exact_right, fn)

@@ -58,7 +58,8 @@ from lora_edu.checks.ch06_dora import (
     check_magnitude_only,
 )
 from lora_edu.checks.ch07_serving_many_adapters import check_pool_bytes, check_ragged_delta, check_unpad_pool
-from lora_edu.checks.ch08_peft_family import check_ia3_merge, check_prompt_tuned_logits, check_vera_merge
+from lora_edu.checks.ch08_peft_family import (check_adamix_exact_merge, check_ia3_merge, check_prompt_tuned_logits,
+                                              check_vera_merge)
 
 
 
@@ -83,6 +84,7 @@ _show_failed_checks_as_a_message()
 
 __all__ = [
     "CheckFailed",
+    "check_adamix_exact_merge",
     "check_best_temperature",
     "check_bits_per_parameter",
     "check_blocksize_experiment",

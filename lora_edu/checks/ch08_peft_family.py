@@ -1,4 +1,5 @@
-"""Checkers for chapter 8's exercises: VeRA merged by hand, (IA)³ merged into c_attn, prompt tuning's forward pass."""
+"""Checkers for chapter 8's exercises: VeRA merged by hand, (IA)³ merged into c_attn, prompt tuning's forward
+pass, and the exact merge of AdaMix copies that share nothing."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch.nn as nn
 
 from lora_edu.checks.core import CheckFailed, call_learner, expect_shape, expect_tensor, first_hint, passed
 from lora_edu.gpt2 import load_tiny
-from lora_edu.peft_family import PromptTuned, ScaleOutput, VeRALinear
+from lora_edu.peft_family import AdaMixLinear, PromptTuned, ScaleOutput, VeRALinear
 
-__all__ = ["check_vera_merge", "check_ia3_merge", "check_prompt_tuned_logits"]
+__all__ = ["check_vera_merge", "check_ia3_merge", "check_prompt_tuned_logits", "check_adamix_exact_merge"]
 
 
 @contextmanager
@@ -193,3 +194,65 @@ def _forward(model: nn.Module, prompt: torch.Tensor, idx: torch.Tensor, shift_po
     for block in model.transformer.h:
         x = block(x)
     return model.lm_head(model.transformer.ln_f(x))
+
+
+def check_adamix_exact_merge(exact_merge: Callable, largest_rank: Callable) -> None:
+    """Exercise 8.5: ``exact_merge(A, B, scaling)``, the one weight update that computes the average of
+    ``M`` unshared LoRA copies (A: (M, r, in), B: (M, out, r)); ``largest_rank(copies, r, in_features,
+    out_features)``, the largest rank that update can have."""
+    g = torch.Generator().manual_seed(0)
+    for copies, r, fan_in, fan_out in ((4, 2, 6, 9), (3, 3, 10, 5)):
+        layer = AdaMixLinear(nn.Linear(fan_in, fan_out, dtype=torch.float64), r=r, alpha=2 * r, copies=copies,
+                             share_b=False)
+        with torch.no_grad():
+            for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters()):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        A = torch.stack([a.weight.detach() for a in layer.lora_A])
+        B = torch.stack([b.weight.detach() for b in layer.lora_B])
+        x = torch.randn(7, fan_in, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            routed = torch.stack([layer.to_lora(route=k)(x) - layer.layer(x) for k in range(copies)])
+        want = routed.mean(0)  # the average of the copies' extra outputs
+        with _written_by_hand("the merge", (AdaMixLinear, "averaged"), (AdaMixLinear, "to_lora"),
+                              (AdaMixLinear, "forward")):
+            answer = call_learner(exact_merge, A.clone(), B.clone(), layer.scaling)
+        answer = expect_tensor(answer, "exact_merge")
+        setting = f"{copies} copies of rank {r} on a layer from {fan_in} to {fan_out} features"
+        expect_shape(answer, (fan_out, fan_in), f"For {setting} the update", {
+            (fan_in, fan_out): "that is the transpose: an nn.Linear weight is (out, in), one row per output",
+        }, otherwise="the update is added to the layer's weight, so it has the weight's shape")
+        got = x @ answer.double().T
+        if not torch.allclose(got, want, atol=1e-10):
+            products = torch.einsum("kor,kri->koi", B, A)
+            wrong = [
+                (B.mean(0) @ A.mean(0) * layer.scaling,
+                 "that averages the A's and the B's apart, the merge the chapter showed is not exact without "
+                 "sharing: what does each copy add to the weight on its own?"),
+                (products.sum(0) * layer.scaling, f"that is {copies} times too large: the copies' outputs are "
+                                                  "averaged, not added"),
+                (products.mean(0), "the scaling is missing: each copy's extra output is multiplied by alpha / r"),
+                (products[0] * layer.scaling, "that is the first copy alone: the merge keeps every copy"),
+            ]
+            hint = first_hint(wrong, lambda w: torch.allclose(answer.double(), w, atol=1e-10),
+                              "write what one copy adds to the layer's output as a matrix applied to x, then "
+                              "average those matrices")
+            raise CheckFailed(f"For {setting} your update's outputs are off by up to "
+                              f"{(got - want).abs().max().item():.3g}: {hint}.")
+    for copies, r, fan_in, fan_out, want in ((4, 2, 64, 64, 8), (8, 8, 128, 384, 64), (8, 8, 128, 48, 48),
+                                             (3, 4, 10, 128, 10)):
+        got = call_learner(largest_rank, copies, r, fan_in, fan_out)
+        if got == want:
+            continue
+        setting = f"{copies} copies of rank {r} on a layer from {fan_in} to {fan_out} features"
+        wrong = [
+            (r, "that is one copy's rank: a sum of several rank-r matrices can have a larger one"),
+            (copies * r, "a matrix's rank is also bounded by its own shape: how many rows and columns has it?"),
+            (min(fan_in, fan_out), "the copies bound it too, when they are few: how many directions can "
+                                   f"{copies} rank-{r} matrices add up to?"),
+        ]
+        hint = first_hint(wrong, lambda w: got == w, "count the directions the copies' updates can span, "
+                                                     "and the directions a matrix of this shape has room for")
+        raise CheckFailed(f"For {setting} you said {got!r}, but the update can have rank {want}: {hint}.")
+    passed("Correct: the average of the copies' products B_k A_k is one weight update, exact, but its rank can "
+           "reach copies x r (and the layer's own limit): merged this way, unshared copies are no longer one "
+           "rank-r adapter, which is what sharing B buys.")
