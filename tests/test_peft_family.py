@@ -260,6 +260,33 @@ def test_the_benchmark_times_every_method_and_merges_exactly_those_it_calls_merg
     assert timing["over_base"]["base"] == 1 and all(t > 0 for t in timing["median_seconds"].values())
 
 
+def test_the_benchmark_adds_new_methods_timings_to_a_resumed_record_and_evaluates_adamix_through_single_routes():
+    import sys
+    from pathlib import Path
+
+    from lora_edu.data import load_split
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import peft_family as benchmark
+
+    old = benchmark.latency(repeats=1, methods=["lora"])
+    resumed = benchmark.with_latency_of_new_methods(old, repeats=1)
+    assert resumed["over_base"]["lora"] == old["over_base"]["lora"]  # what was measured is kept
+    assert {"adamix", "adamix_merged", "vera", "vera_merged"} <= set(resumed["over_base"])
+    assert list(resumed["timed_apart"]) == [", ".join(m for m in benchmark.METHODS if m not in ("full", "lora"))]
+    assert benchmark.with_latency_of_new_methods(resumed, repeats=1) == resumed
+
+    data = {"milton_train": load_split("milton", "train"), "milton_val": load_split("milton", "val")[:2000],
+            "shakespeare_val": load_split("shakespeare", "val")[:2000]}
+    steps = benchmark.step_cost(repeats=1, data=data)
+    assert set(steps["over_lora"]) == {"lora", "adamix", "adamix_no_consistency"} and steps["over_lora"]["lora"] == 1
+    run = benchmark.run("adamix", 1e-2, 0, steps=2, data=data)
+    assert run["trainable_parameters"] == 4 * (8 * 8 * 896 + 8 * 1152)  # 8 copies of A, one B, every matrix
+    assert [s["route_seed"] for s in run["single_route"]] == list(benchmark.ROUTE_SEEDS)
+    assert len({s["milton_val_loss"] for s in run["single_route"]}) > 1  # the routes differ
+    assert run == benchmark.run("adamix", 1e-2, 0, steps=2, data=data)  # the seed fixes copies and routes
+
+
 # ---------------------------------------------------------------------------------------
 # VeRA: LoRA with frozen, shared, random A and B, and two trained vectors per layer
 # ---------------------------------------------------------------------------------------
