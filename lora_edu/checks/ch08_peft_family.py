@@ -255,4 +255,4 @@ def check_adamix_exact_merge(exact_merge: Callable, largest_rank: Callable) -> N
         raise CheckFailed(f"For {setting} you said {got!r}, but the update can have rank {want}: {hint}.")
     passed("Correct: the average of the copies' products B_k A_k is one weight update, exact, but its rank can "
            "reach copies x r (and the layer's own limit): merged this way, unshared copies are no longer one "
-           "rank-r adapter, which is what sharing B buys.")
+           "rank-r adapter, which is what sharing B keeps.")
