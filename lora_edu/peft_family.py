@@ -497,11 +497,14 @@ def add_adamix(model: nn.Module, r: int = 8, alpha: float = 16, copies: int = 4,
     _refuse_other_methods(model, "AdaMix")
     generator = torch.Generator().manual_seed(seed)  # the copies' starting A, then every route
     built = {}  # every layer built (or refused) before any is put in
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # AdaMixLinear freezes its layer
     for i, block in enumerate(blocks):
         for name in targets:
             try:
                 built[i, name] = AdaMixLinear(block.get_submodule(name), r, alpha, copies, share_b, generator)
             except TypeError as err:
+                for p, flag in requires_grad:
+                    p.requires_grad_(flag)
                 raise TypeError(f"transformer.h.{i}.{name}: {err}; the model was left unchanged") from None
     _freeze(model)
     for (i, name), layer in built.items():

@@ -200,6 +200,16 @@ def quantized(base):
     return quantize_model(copy.deepcopy(base))
 
 
+def one_layer_quantized(base):
+    from lora_edu.nf4 import NF4Linear
+    from lora_edu.plumbing import replace_module
+
+    model = copy.deepcopy(base)
+    mlp = model.transformer.h[1].mlp
+    replace_module(mlp, "c_fc", NF4Linear.from_linear(mlp.c_fc))
+    return model
+
+
 REFUSALS = {
     "one copy": (None, lambda m: add_adamix(m, copies=1), ValueError, "copies must be an int >= 2"),
     "copies float": (None, lambda m: add_adamix(m, copies=2.0), ValueError, "copies must be an int >= 2"),
@@ -211,6 +221,7 @@ REFUSALS = {
     "on VeRA": (lambda m: add_vera(m, r=4), add_adamix, ValueError, "already has fine-tuning layers: VeRA"),
     "twice": (add_adamix, add_adamix, ValueError, "already has fine-tuning layers: AdaMix"),
     "4-bit base": (quantized, add_adamix, TypeError, r"transformer.h.0.attn.c_attn: layer must be an nn.Linear .*NF4Linear"),
+    "a later 4-bit layer": (one_layer_quantized, add_adamix, TypeError, r"transformer.h.1.mlp.c_fc: layer must be"),
     "merge without AdaMix": (None, merge_adamix, ValueError, "model has no AdaMix layers"),
     "route seed": (add_adamix, lambda m: merge_adamix(m, route_seed="1"), TypeError, "seed must be an int"),
 }
