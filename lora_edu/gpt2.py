@@ -163,6 +163,7 @@ class GPT2(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.gradient_checkpointing = False
         self._checkpoint_reentrant = False
+        self._blocks_per_checkpoint = 1
         self.name_or_path: str | None = None  # where the weights came from, as Hugging Face models say
         self.apply(self._init_weights)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
@@ -170,15 +171,18 @@ class GPT2(nn.Module):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    def gradient_checkpointing_enable(self, use_reentrant: bool = False) -> None:
-        """Store only each block's input in training; recompute the block in backward.
+    def gradient_checkpointing_enable(self, use_reentrant: bool = False, blocks_per_checkpoint: int = 1) -> None:
+        """Store only the input of each run of blocks in training; recompute the run in backward.
 
-        Activation memory then grows with the number of blocks times one (B, T, C) tensor,
-        plus one block's worth during its recomputation, at the price of a second forward
-        pass. ``use_reentrant=True`` is PyTorch's older variant (the one PEFT enables):
-        it only computes gradients if the block's input requires grad, which a frozen
-        embedding's output does not (see ``lora_edu.qlora.prepare_for_kbit_training``).
+        With one block a run, activation memory grows with the number of blocks times one
+        (B, T, C) tensor, plus one block's worth during its recomputation, at the price of
+        a second forward pass. ``blocks_per_checkpoint=k`` stores one input every k blocks
+        and recomputes k blocks at a time: about √L is the best balance for L blocks (Chen
+        et al., 2016). ``use_reentrant=True`` is PyTorch's older variant (the one PEFT
+        enables): it only computes gradients if the run's input requires grad, which a
+        frozen embedding's output does not (see ``lora_edu.qlora.prepare_for_kbit_training``).
         """
+        self._blocks_per_checkpoint = check_int(blocks_per_checkpoint, "blocks_per_checkpoint")
         self.gradient_checkpointing = True
         self._checkpoint_reentrant = bool(use_reentrant)
 
@@ -194,6 +198,20 @@ class GPT2(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits (B, T, vocab); with ``targets`` (B, T), also the mean cross-entropy in nats."""
+        x = self.embed(idx)
+        blocks = self.transformer.h
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            for block in blocks:
+                x = block(x)
+            return self.head(x, targets)
+        k = self._blocks_per_checkpoint
+        for start in range(0, len(blocks), k):
+            run = nn.Sequential(*blocks[start:start + k])
+            x = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=self._checkpoint_reentrant)
+        return self.head(x, targets)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The first block's input (B, T, C): token plus position embeddings of ``idx`` (B, T)."""
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
         T = idx.size(1)
@@ -202,13 +220,10 @@ class GPT2(nn.Module):
                 f"sequence length must be in 1..{self.config.block_size} (block_size), got {T}"
             )
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.transformer.h:
-            if checkpointing:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self._checkpoint_reentrant)
-            else:
-                x = block(x)
+        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+
+    def head(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """The last block's output (B, T, C) to logits, and with ``targets`` the loss, as forward returns them."""
         logits = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return logits

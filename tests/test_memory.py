@@ -145,3 +145,40 @@ def test_saved_activation_bytes_leaves_the_model_as_it_was(small_gpt2, small_bat
     assert saved_activation_bytes(model, small_batch[0]) > 0  # without targets too
     assert not model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient checkpointing in runs of k blocks (Chen et al., 2016)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_checkpointing_every_k_blocks_keeps_one_input_per_run_and_the_same_gradients(k):
+    torch.manual_seed(0)
+    model = GPT2(GPT2Config(n_layer=8, block_size=64))
+    add_lora(model, r=4)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, 256, (2, 64), generator=g) for _ in range(2))
+
+    def grads():
+        model.zero_grad()
+        model(x, y)[1].backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    plain = grads()
+    model.gradient_checkpointing_enable(blocks_per_checkpoint=1)
+    one_per_block = saved_activation_bytes(model, x, y)
+    model.gradient_checkpointing_enable(blocks_per_checkpoint=k)
+    runs = -(-8 // k)
+    block_input = 2 * 64 * model.config.n_embd * 4  # one (B, T, C) float32 tensor
+    assert saved_activation_bytes(model, x, y) == one_per_block - (8 - runs) * block_input
+    for a, b in zip(grads(), plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_blocks_per_checkpoint_must_be_a_positive_int():
+    model = GPT2(GPT2Config(n_layer=2))
+    with pytest.raises(ValueError, match="blocks_per_checkpoint must be a positive int"):
+        model.gradient_checkpointing_enable(blocks_per_checkpoint=0)
+    assert not model.gradient_checkpointing
