@@ -67,6 +67,7 @@ __all__ = [
     "check_adamix_options",
     "merge_adamix",
     "merge_peft",
+    "refuse_other_methods",
     "vera_projections",
 ]
 
@@ -143,7 +144,7 @@ def add_ia3(model: nn.Module) -> nn.Module:
     vectors train: 2 n_embd + 4 n_embd numbers per block.
     """
     blocks = _blocks(model)
-    _refuse_other_methods(model, "(IA)³")
+    refuse_other_methods(model, "(IA)³")
     _freeze(model)
     for block in blocks:
         width = block.attn.c_attn.in_features
@@ -163,7 +164,7 @@ class PromptTuned(nn.Module):
     def __init__(self, model: nn.Module, n_virtual: int, seed: int = 0):
         super().__init__()
         _blocks(model)
-        _refuse_other_methods(model, "prompt tuning")
+        refuse_other_methods(model, "prompt tuning")
         check_int(n_virtual, "n_virtual", below=model.config.block_size, below_name="block_size")
         check_seed(seed)
         _freeze(model)
@@ -236,7 +237,7 @@ def add_prefix_tuning(model: nn.Module, n_prefix: int, seed: int = 0) -> nn.Modu
     trained directly.
     """
     blocks = _blocks(model)
-    _refuse_other_methods(model, "prefix tuning")
+    refuse_other_methods(model, "prefix tuning")
     check_int(n_prefix, "n_prefix", below=model.config.block_size, below_name="block_size")
     check_seed(seed)
     keys_values = []
@@ -323,7 +324,7 @@ def add_vera(model: nn.Module, r: int = 256, d_initial: float = 0.1, seed: int =
     check_int(r, "r")
     targets = _checked_targets(targets)
     check_seed(seed)
-    _refuse_other_methods(model, "VeRA")
+    refuse_other_methods(model, "VeRA")
     layers = [(block, name) for block in blocks for name in targets]
     shapes = [block.get_submodule(name).weight.shape for block, name in layers]
     A, B = vera_projections(r, max(s[1] for s in shapes), max(s[0] for s in shapes), seed)
@@ -372,7 +373,7 @@ def add_serial_adapters(model: nn.Module, bottleneck: int,
         raise ValueError(f"sublayers must be a non-empty list of names from {ADAPTER_SUBLAYERS}, got {sublayers!r}")
     if len(set(sublayers)) != len(sublayers):
         raise ValueError(f"sublayers names a sublayer twice: {sublayers!r}; name each once")
-    _refuse_other_methods(model, "serial adapters")
+    refuse_other_methods(model, "serial adapters")
     width = model.config.n_embd
     adapters = {}
     for i, block in enumerate(blocks):  # every adapter built before any is put in
@@ -494,7 +495,7 @@ def add_adamix(model: nn.Module, r: int = 8, alpha: float = 16, copies: int = 4,
     check_adamix_options(r, alpha, copies, share_b)
     targets = _checked_targets(targets)
     check_seed(seed)
-    _refuse_other_methods(model, "AdaMix")
+    refuse_other_methods(model, "AdaMix")
     generator = torch.Generator().manual_seed(seed)  # the copies' starting A, then every route
     built = {}  # every layer built (or refused) before any is put in
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]  # AdaMixLinear freezes its layer
@@ -609,7 +610,7 @@ def _method_layers(model: nn.Module) -> dict[str, list[str]]:
     return found
 
 
-def _refuse_other_methods(model: nn.Module, method: str) -> None:
+def refuse_other_methods(model: nn.Module, method: str) -> None:
     """One method per model: a second one would wrap (and freeze) the first one's layers."""
     found = _method_layers(model)
     if found:
