@@ -29,7 +29,8 @@ from lora_edu.nf4 import bits_per_parameter
 from lora_edu.plumbing import check_int
 from lora_edu.qlora import QLORA_LORA
 
-__all__ = ["LLAMA_SHAPES", "METHODS", "llama_skeleton", "memory_breakdown", "saved_activation_bytes"]
+__all__ = ["LLAMA_SHAPES", "METHODS", "activation_bytes", "llama_skeleton", "memory_breakdown",
+           "saved_activation_bytes"]
 
 METHODS = ("full", "lora", "qlora")
 
@@ -115,6 +116,52 @@ def saved_activation_bytes(model: nn.Module, *inputs, **kwargs) -> int:
     alive = {key for token, key in held if token() is not None}
     del out
     return sum(storages[key].nbytes() for key in alive)
+
+
+def activation_bytes(config, batch: int, length: int, method: str = "lora", r: int = 8,
+                     blocks_per_checkpoint: int | None = None) -> dict[str, int]:
+    """What a float32 training step of the book's GPT2 keeps for backward, from the shapes alone.
+
+    The counts are those :func:`saved_activation_bytes` measures on a CPU (and the tests
+    check it), in units of one token's width ``C`` (``n = batch · length`` tokens,
+    ``H`` heads, vocabulary ``V``, 4 bytes a number):
+
+    - **a block**: 16 nC. The block's input and the second residual stream for the two
+      LayerNorms (2), the normed inputs of ``c_attn`` and ``c_fc`` (2), q, k and v (3), the
+      attention's output, which ``c_proj`` reads (1), and the MLP's 4C-wide hidden layer
+      before and after GELU (8); plus 4n for the norms' means and inverse deviations and nH
+      for the attention's log-sum-exp. LoRA adds its rank-r middle, A·x, for each of the
+      four matrices (4nr).
+    - **the first block** under LoRA or QLoRA saves one nC + 2n less: its input comes from a
+      frozen embedding and needs no gradient, so its first LayerNorm keeps nothing.
+    - **the head**: ln_f's input, means and deviations (nC + 2n), the log-probabilities of
+      the loss (nV) and the targets (8n bytes), plus a 4-byte scalar. Full fine-tuning
+      also keeps lm_head's input (nC) and, for the embedding's gradient, the token ids
+      (8n bytes) and the positions (8·length bytes).
+
+    QLoRA (float32 compute) keeps what LoRA keeps. ``blocks_per_checkpoint=k`` replaces the
+    blocks by one block input (nC) per run of k blocks, what is kept while the forward
+    pass runs; backward recomputes one run at a time, a run's worth more at its peak.
+    Returns ``{"blocks": ..., "head": ..., "total": ...}`` in bytes.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    check_int(batch, "batch")
+    check_int(length, "length")
+    check_int(r, "r")
+    check_int(blocks_per_checkpoint, "blocks_per_checkpoint", optional=True)
+    n, C, H, V, L = batch * length, config.n_embd, config.n_head, config.vocab_size, config.n_layer
+    block = 16 * n * C + 4 * n + n * H
+    if method == "full":
+        blocks = L * block
+        head = (2 * n * C + 2 * n + n * V) + (2 * n + 2 * length + 2 * n) + 1
+    else:
+        block += 4 * n * r
+        blocks = L * block - (n * C + 2 * n)
+        head = (n * C + 2 * n + n * V) + 2 * n + 1
+    if blocks_per_checkpoint is not None:
+        blocks = -(-L // blocks_per_checkpoint) * n * C
+    return {"blocks": 4 * blocks, "head": 4 * head, "total": 4 * (blocks + head)}
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from lora_edu.gpt2 import GPT2, GPT2Config
 from lora_edu.lora import add_lora
-from lora_edu.memory import LLAMA_SHAPES, llama_skeleton, memory_breakdown, saved_activation_bytes
+from lora_edu.memory import LLAMA_SHAPES, activation_bytes, llama_skeleton, memory_breakdown, saved_activation_bytes
+from lora_edu.qlora import quantize_model
 from lora_edu.nf4 import bits_per_parameter
 
 # ---------------------------------------------------------------------------------------
@@ -182,3 +183,35 @@ def test_blocks_per_checkpoint_must_be_a_positive_int():
     with pytest.raises(ValueError, match="blocks_per_checkpoint must be a positive int"):
         model.gradient_checkpointing_enable(blocks_per_checkpoint=0)
     assert not model.gradient_checkpointing
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("blocks_per_checkpoint", [None, 2])
+@pytest.mark.parametrize("config, batch, length", [
+    (GPT2Config(n_layer=3), 2, 64),
+    (GPT2Config(n_layer=2, n_embd=64, n_head=8, block_size=96, vocab_size=300), 3, 96),
+])
+def test_the_activation_formula_is_what_autograd_keeps(method, blocks_per_checkpoint, config, batch, length):
+    torch.manual_seed(0)
+    model = GPT2(config)
+    if method == "qlora":
+        quantize_model(model)
+    if method != "full":
+        add_lora(model, r=4)
+    if blocks_per_checkpoint:
+        model.gradient_checkpointing_enable(blocks_per_checkpoint=blocks_per_checkpoint)
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, config.vocab_size, (batch, length), generator=g) for _ in range(2))
+    predicted = activation_bytes(config, batch, length, method, r=4, blocks_per_checkpoint=blocks_per_checkpoint)
+    assert predicted["total"] == predicted["blocks"] + predicted["head"]
+    assert saved_activation_bytes(model, x, y) == predicted["total"]
+
+
+def test_the_activation_formula_refuses_what_it_does_not_know():
+    config = GPT2Config()
+    with pytest.raises(ValueError, match="unknown method 'dora'"):
+        activation_bytes(config, 2, 64, "dora")
+    with pytest.raises(ValueError, match="length must be a positive int"):
+        activation_bytes(config, 2, 0)
+    with pytest.raises(ValueError, match="blocks_per_checkpoint must be None or a positive int"):
+        activation_bytes(config, 2, 64, blocks_per_checkpoint=0)
