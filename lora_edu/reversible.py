@@ -189,6 +189,9 @@ class _ReversibleFunction(torch.autograd.Function):
         for layer in layers:  # grad mode is off in here: nothing is saved but what we save
             x1, x2 = layer(x1, x2, keep_random_state=True)
         ctx.layers, ctx.params = layers, params
+        # backward must recompute F and G as forward computed them, in the same autocast dtype
+        device = x1.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(x1, x2)  # the top layer's output: all backward needs
         return x1, x2
 
@@ -199,12 +202,14 @@ class _ReversibleFunction(torch.autograd.Function):
         d2 = torch.zeros_like(out2) if d2 is None else d2
         position = {id(p): i for i, p in enumerate(ctx.params)}
         grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-        for layer in reversed(ctx.layers):
-            out1, out2, d1, d2, layer_grads = layer.backward_step(out1, out2, d1, d2)
-            for p, grad in layer_grads:
-                if grad is not None:
-                    i = position[id(p)]
-                    grads[i] = grad if grads[i] is None else grads[i] + grad
+        device, dtype, enabled = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            for layer in reversed(ctx.layers):
+                out1, out2, d1, d2, layer_grads = layer.backward_step(out1, out2, d1, d2)
+                for p, grad in layer_grads:
+                    if grad is not None:
+                        i = position[id(p)]
+                        grads[i] = grad if grads[i] is None else grads[i] + grad
         return (d1, d2, None, *grads)
 
 

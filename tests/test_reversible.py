@@ -216,3 +216,23 @@ def test_reconstruction_errors_wants_a_meft_model():
     with pytest.raises(TypeError, match="MEFTGPT2"):
         reconstruction_errors(small_gpt2(), batch()[0])
     assert isinstance(add_meft(small_gpt2()), MEFTGPT2)
+
+
+def test_backward_recomputes_under_the_autocast_of_the_forward_pass():
+    """Under bfloat16 autocast, F and G must be recomputed in bfloat16 too: recomputed in
+    float32 they differ from forward's by bfloat16's rounding, and the rebuilt inputs by
+    that over lambda (the gradients then come out wrong by more than their own size)."""
+    model = with_random_adapters(add_meft(small_gpt2(dtype=torch.float32), "meft1", bottleneck=4))
+    idx, targets = batch()
+
+    def grads(reversible):
+        model.train()
+        model.reversible = reversible
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for plain, rev in zip(grads(False), grads(True)):
+        assert (rev - plain).abs().max() <= 2e-2 * plain.abs().max()
