@@ -52,13 +52,18 @@ VARIANTS: dict[str, tuple[str, str, float, float, bool]] = {
 
 
 class Adapter(nn.Module):
-    """down (d → r), GELU, dropout, up (r → d), with no residual: it starts at exactly 0 (up = 0)."""
+    """down (d → r), GELU, dropout, up (r → d), with no residual.
 
-    def __init__(self, d: int, bottleneck: int, dropout: float = 0.0):
+    Both weights start as N(0, 0.02²) and the biases at zero, as in the paper (Figure 4's
+    caption): the adapter's output starts small, not zero.
+    """
+
+    def __init__(self, d: int, bottleneck: int, dropout: float = 0.0, std: float = 0.02):
         super().__init__()
         self.down, self.up = nn.Linear(d, bottleneck), nn.Linear(bottleneck, d)
         self.dropout = nn.Dropout(dropout)
-        nn.init.zeros_(self.up.weight), nn.init.zeros_(self.up.bias)
+        for layer in (self.down, self.up):
+            nn.init.normal_(layer.weight, std=std), nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.dropout(F.gelu(self.down(x))))
@@ -191,7 +196,9 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.layers, ctx.params = layers, params
         # backward must recompute F and G as forward computed them, in the same autocast dtype
         device = x1.device.type
-        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.autocast = None  # the meta device, which counts shapes, has no autocast
+        if torch.amp.is_autocast_available(device):
+            ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         ctx.save_for_backward(x1, x2)  # the top layer's output: all backward needs
         return x1, x2
 
@@ -202,7 +209,7 @@ class _ReversibleFunction(torch.autograd.Function):
         d2 = torch.zeros_like(out2) if d2 is None else d2
         position = {id(p): i for i, p in enumerate(ctx.params)}
         grads: list[torch.Tensor | None] = [None] * len(ctx.params)
-        device, dtype, enabled = ctx.autocast
+        device, dtype, enabled = ctx.autocast or ("cpu", torch.bfloat16, False)
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             for layer in reversed(ctx.layers):
                 out1, out2, d1, d2, layer_grads = layer.backward_step(out1, out2, d1, d2)
@@ -256,11 +263,10 @@ def add_meft(model: GPT2, variant: str = "meft1", bottleneck: int = 8, lam: floa
     """The reversible model of ``variant`` ("meft1", "meft2", "meft3") around a lora_edu GPT2.
 
     The base model is frozen (it is the wrapper's ``base``; nothing else about it changes),
-    and one adapter of ``bottleneck`` hidden units goes where the variant puts it: MEFT1
-    and MEFT2 have two a layer (one beside the MLP, one as F or G), MEFT3 two a layer (one
-    after attention, one beside the MLP). ``lam`` and ``beta`` default to the variant's
-    scales (:data:`VARIANTS`). ``seed`` draws the adapters' down-projections; their
-    up-projections start at zero, so every adapter starts at 0.
+    and adapters of ``bottleneck`` hidden units go where the variant puts them, two a
+    layer: MEFT1 and MEFT2 one beside the MLP and one as F or G, MEFT3 one after the
+    attention and one beside the MLP. ``lam`` and ``beta`` default to the variant's scales
+    (:data:`VARIANTS`). ``seed`` draws the adapters' weights (:class:`Adapter`).
     """
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a lora_edu GPT2 (add_meft knows its blocks), got {type(model).__name__}")
@@ -278,16 +284,16 @@ def add_meft(model: GPT2, variant: str = "meft1", bottleneck: int = 8, lam: floa
     refuse_other_methods(model, "MEFT")
 
     d, dropout = model.config.n_embd, model.config.dropout
-    param = next(model.parameters())
+    stream = model.transformer.wte.weight  # the adapters live where the streams do, in their dtype
     layers = nn.ModuleList()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for block in model.transformer.h:
-            parts = {kind: _part(kind, block, Adapter(d, bottleneck, dropout)) for kind in (f_kind, g_kind)}
+            parts = {kind: _part(kind, block, Adapter(d, bottleneck, dropout).to(stream.device, stream.dtype))
+                     for kind in (f_kind, g_kind)}
             layers.append(ReversibleLayer(parts[f_kind], parts[g_kind], lam, beta, swap))
     for p in model.parameters():
         p.requires_grad_(False)
-    layers.to(param.device, param.dtype)
     return MEFTGPT2(model, variant, layers)
 
 

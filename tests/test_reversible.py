@@ -22,7 +22,7 @@ def small_gpt2(n_layer=3, dropout=0.0, dtype=torch.float64, seed=0):
 
 
 def with_random_adapters(model, std=0.1, seed=1):
-    """Adapters start at exactly zero; give them weights so every gradient path is exercised."""
+    """Adapters start small (std 0.02); make them larger so every gradient path is exercised."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for adapter in model.adapters():
@@ -130,6 +130,9 @@ def test_meft1_carries_the_pretrained_hidden_states_of_two_consecutive_layers():
     model's hidden states after layers n-1 and n: the output averages the last two."""
     base = small_gpt2(n_layer=3)
     model = add_meft(copy.deepcopy(base), "meft1", lam=1e-9).eval()
+    with torch.no_grad():
+        for adapter in model.adapters():
+            adapter.up.weight.zero_()
     idx = batch()[0]
     with torch.no_grad():
         hidden = [base.embed(idx)]
@@ -148,7 +151,12 @@ def test_the_base_is_frozen_and_only_the_adapters_train():
     assert not any(p.requires_grad for p in model.base.parameters())
     assert all(isinstance(layer, ReversibleLayer) for layer in model.layers)
     assert len(model.adapters()) == 6 and all(isinstance(a, Adapter) for a in model.adapters())
-    assert all(a.up.weight.abs().max() == 0 for a in model.adapters())  # adapters start at 0
+    for adapter in model.adapters():  # the paper's initialisation: N(0, 0.02^2), biases zero
+        weights = torch.cat([adapter.down.weight.flatten(), adapter.up.weight.flatten()])
+        assert abs(weights.std().item() - 0.02) < 0.004 and adapter.up.bias.abs().max() == 0
+    torch.manual_seed(123)  # the adapters come from seed, not from the global generator
+    again = add_meft(small_gpt2(), "meft1", bottleneck=4)
+    assert torch.equal(again.adapters()[0].down.weight, model.adapters()[0].down.weight)
 
 
 def test_eval_runs_without_the_reversible_function_and_gives_the_same_logits():
