@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # The GPU run, in one call: everything in this project that needs a CUDA GPU.
 #
-#   bash scripts/gpu_check.sh              on a GPU machine: the full run (about 8 minutes on one H100)
+#   bash scripts/gpu_check.sh              on a GPU machine: the full run (about 9.5 minutes on one H100)
 #   bash scripts/gpu_check.sh --rehearse   anywhere: every step in a quick CPU mode (make test runs this)
+#   bash scripts/gpu_check.sh --only wheels,activations   only the steps named (a run split in two calls)
 #
 # The steps are the table below: each runs under its own time limit (the GPU's, or the
 # rehearsal's generous one on a busy CPU), even if an earlier one failed. Everything lands in $OUT
-# (when set, as on the device machine) or gpu_results/: a log, one JSON per benchmark, gpu_check.json
-# (every step's status, the CUDA tests' counts and failures, the chapters' outcomes:
-# lora_edu.results.gpu_check_record) and cuda_reciprocal.npz only when it differs from the committed
-# table: at most 8 files, all the device tool brings back. scripts/GPU.md says how to run it and
-# where its files go. Exit status: 0 when every step passed.
+# (when set, as on the device machine) or gpu_results/: a log; gpu_benchmarks.json, every
+# benchmark's record in one file, rewritten after each step (lora_edu.results.bundle; unpack it
+# with scripts/unpack_gpu_results.py); gpu_check.json (every step's status, the CUDA tests' counts
+# and failures, the chapters' outcomes: lora_edu.results.gpu_check_record); and cuda_reciprocal.npz
+# only when it differs from the committed table: four files, of the 8 the device tool brings back.
+# scripts/GPU.md says how to run it and where its files go. Exit status: 0 when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-MODE=full
-[[ "${1:-}" == "--rehearse" ]] && MODE=rehearse
+MODE=full ONLY=
+while (($#)); do
+  case "$1" in
+    --rehearse) MODE=rehearse ;;
+    --only) ONLY=",${2:?--only needs a comma-separated list of step names},"; shift ;;
+    *) echo "unknown option $1 (expected --rehearse or --only STEPS)" >&2; exit 2 ;;
+  esac
+  shift
+done
 PYTHON=${PYTHON:-python3}
 RESULTS=${OUT:-gpu_results}
 SCRATCH=$(mktemp -d)  # what gpu_check.json summarises, and Chapter 5's 500 MB random-weight folder
 trap 'rm -rf "$SCRATCH"' EXIT
 GPT2_DIR="$SCRATCH/gpt2_random"
-mkdir -p "$RESULTS"
+BENCH="$SCRATCH/benchmarks"  # one JSON per benchmark, bundled into $RESULTS/gpu_benchmarks.json after every step
+mkdir -p "$RESULTS" "$BENCH"
 LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
@@ -43,7 +53,7 @@ else
   QUICK=--quick DEVICE=cpu SELF_TEST=--self-test SMALL=--small QLORA_PRESETS=
   CHAPTERS="--compile-only book/*.ipynb solutions/*.ipynb"  # nbval executes them on the CPU; here every cell parses
 fi
-export PYTHON RESULTS SCRATCH GPT2_DIR QUICK DEVICE SELF_TEST SMALL QLORA_PRESETS CHAPTERS
+export PYTHON RESULTS SCRATCH BENCH GPT2_DIR QUICK DEVICE SELF_TEST SMALL QLORA_PRESETS CHAPTERS
 echo "gpu_check: mode $MODE, python $("$PYTHON" --version 2>&1), results in $RESULTS, $(date -u +%FT%TZ)"
 "$PYTHON" -c "import torch; print('torch', torch.__version__, '| CUDA', torch.version.cuda, '|',
   torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
@@ -69,6 +79,7 @@ compgen -G ".whl/*.whl" >/dev/null && export PYTHONPATH="/tmp/lora_edu_site:$PYT
 STEPS=()  # "name exit_status seconds" of each step, for gpu_check.json
 while read -r name gpu_limit cpu_limit command; do
   [[ -z "$name" || "$name" == "#"* ]] && continue
+  [[ -n "$ONLY" && "$ONLY" != *",$name,"* ]] && continue
   [[ "$MODE" == full ]] && limit=$gpu_limit || limit=$cpu_limit
   echo "=== $name (limit ${limit} s): $command"
   start=$(date +%s)
@@ -76,6 +87,8 @@ while read -r name gpu_limit cpu_limit command; do
   rc=$? seconds=$(($(date +%s) - start))
   echo "=== $name: exit $rc after $seconds s"
   STEPS+=("$name $rc $seconds")
+  "$PYTHON" -c 'import sys; from lora_edu.results import bundle; bundle(*sys.argv[1:])' "$BENCH" \
+    "$RESULTS/gpu_benchmarks.json" || echo "could not bundle the benchmark records"
 done <<'TABLE'
 # name           GPU s  CPU s  command (bash)
 wheels              60    120  install_wheels
@@ -85,11 +98,13 @@ reciprocal          60     60  "$PYTHON" scripts/cuda_reciprocal_table.py $SELF_
 # NF4 against bitsandbytes' CUDA kernels, the layers forward and backward (a later chapter's GPU
 # checks go in tests/test_cuda_<topic>.py); the other test files import what the GPU machine lacks.
 tests               90    600  "$PYTHON" -m pytest -m cuda tests/test_cuda*.py -q -o addopts= -p no:cacheprovider --junitxml="$SCRATCH/pytest_cuda.xml"
-nf4                 50    600  "$PYTHON" benchmarks/nf4_throughput.py $QUICK --devices $DEVICE --out "$RESULTS/nf4_throughput_cuda.json"
-qlora              200    900  "$PYTHON" benchmarks/qlora_memory.py $QUICK $QLORA_PRESETS --out "$RESULTS/qlora_memory.json"
-latency             45    600  "$PYTHON" benchmarks/lora_latency.py $QUICK --out "$RESULTS/lora_latency.json"
-dora                60    600  "$PYTHON" benchmarks/dora_overhead.py $QUICK --out "$RESULTS/dora_overhead.json"
-serving            140    600  "$PYTHON" benchmarks/multi_adapter_throughput.py $QUICK --out "$RESULTS/multi_adapter_throughput.json"
+nf4                 50    600  "$PYTHON" benchmarks/nf4_throughput.py $QUICK --devices $DEVICE --out "$BENCH/nf4_throughput_cuda.json"
+qlora              200    900  "$PYTHON" benchmarks/qlora_memory.py $QUICK $QLORA_PRESETS --out "$BENCH/qlora_memory.json"
+latency             45    600  "$PYTHON" benchmarks/lora_latency.py $QUICK --out "$BENCH/lora_latency.json"
+dora                60    600  "$PYTHON" benchmarks/dora_overhead.py $QUICK --out "$BENCH/dora_overhead.json"
+serving            140    600  "$PYTHON" benchmarks/multi_adapter_throughput.py $QUICK --out "$BENCH/multi_adapter_throughput.json"
+# Chapter 9: what a step keeps for backward and what checkpointing, offloading, MEFT and S²-Attn buy
+activations         90    300  "$PYTHON" benchmarks/activation_memory.py $QUICK --out "$BENCH/activation_memory.json"
 chapters           110    300  "$PYTHON" scripts/run_notebooks_as_scripts.py --summary "$SCRATCH/chapters_cuda.json" $CHAPTERS
 # Chapter 5's GPT-2 branch, which the Hub-less GPU machine otherwise never takes: a folder of GPT-2
 # 124M's shape with random weights and an offline tokenizer (the rehearsal's: the tiny model's size),

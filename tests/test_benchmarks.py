@@ -191,3 +191,61 @@ def test_loraplus_sweep_resumes_where_it_was_stopped(tmp_path, loraplus_sweep):
     resumed = loraplus_sweep.main(["--quick", "--out", str(out)])
     assert len(loraplus_sweep.ran) == len(whole["results"]["grid"]) + len(whole["results"]["width"]) + 1
     assert without_seconds(resumed) == without_seconds(whole) and resumed["complete"] is True
+
+
+# ---------------------------------------------------------------------------------------
+# Chapter 9's fine-tunes, training faked: every run the chapter reads, and resuming
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_fine_tunes(monkeypatch):
+    sweep = benchmark("memory_fine_tunes")
+    sweep.ran, sweep.stop_after = [], None
+
+    def fine_tune(model, config, data, block_size):
+        if sweep.stop_after is not None and len(sweep.ran) == sweep.stop_after:
+            raise KeyboardInterrupt  # as a person stopping it would
+        sweep.ran.append((type(model).__name__, config.lr, config.seed, block_size))
+        numbers = (type(model).__name__, config.lr, config.seed, block_size, sum(p.numel() for p in model.parameters()
+                                                                               if p.requires_grad))
+        return {"milton_val_loss": fake_loss(*numbers), "shakespeare_val_loss": fake_loss("s", *numbers),
+                "trainable_parameters": numbers[-1]}
+
+    monkeypatch.setattr(sweep, "fine_tune", fine_tune)
+    monkeypatch.setattr(sweep, "evaluate", lambda model, ids, block_size: fake_loss(block_size))
+    return sweep
+
+
+def test_memory_fine_tunes_runs_every_method_seed_and_attention(tmp_path, memory_fine_tunes):
+    record = memory_fine_tunes.main(["--out", str(tmp_path / "runs.json")])
+    assert record["complete"] is True
+    meft = [r for r in record["results"] if r["part"] == "meft"]
+    long = [r for r in record["results"] if r["part"] == "long_context"]
+    assert {r["method"] for r in meft} == {"lora", "adapters", "meft1", "meft2", "meft3"}
+    for method, grid in memory_fine_tunes.MEFT_GRIDS.items():  # the grid on seed 0, then the other seeds
+        assert {r["lr"] for r in meft if r["method"] == method and r["seed"] == 0} == set(grid)
+        assert {r["seed"] for r in meft if r["method"] == method} == {0, 1, 2}
+    assert all("milton_val_loss_before" in r for r in meft if r["method"].startswith("meft"))
+    trained = {r["method"]: r["trainable_parameters"] for r in meft}
+    assert trained["lora"] == 65_536 and trained["adapters"] == trained["meft1"] == 66_816  # similar budgets
+    cells = {(r["method"], r["attention"]) for r in long}
+    assert cells == {(m, a) for m in ("lora", "lora_embed_norm", "full") for a in ("s2", "full")} | {("lora", "s2_rolled")}
+    assert all(len({r["seed"] for r in long if (r["method"], r["attention"]) == cell}) == 3 for cell in cells)
+    assert {r["lr"] for r in long if r["method"] == "lora_embed_norm"} >= {record["config"]["long_lrs"]["lora_embed_norm"]}
+    assert memory_fine_tunes.LONG == {"lora": 3e-3, "full": 3e-4}  # a run leaves the module's table alone
+
+
+def test_memory_fine_tunes_resumes_where_it_was_stopped(tmp_path, memory_fine_tunes):
+    whole = memory_fine_tunes.main(["--out", str(tmp_path / "whole.json")])
+    out = tmp_path / "runs.json"
+    memory_fine_tunes.ran.clear()
+    memory_fine_tunes.stop_after = 7
+    with pytest.raises(KeyboardInterrupt):
+        memory_fine_tunes.main(["--out", str(out)])
+    assert len(json.loads(out.read_text())["results"]) == 7
+    memory_fine_tunes.stop_after = None
+    resumed = memory_fine_tunes.main(["--out", str(out)])
+    assert len(memory_fine_tunes.ran) == len(whole["results"])  # nothing ran twice
+    strip = lambda record: [{k: v for k, v in r.items() if k != "seconds"} for r in record["results"]]
+    assert strip(resumed) == strip(whole)

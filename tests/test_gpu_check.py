@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "serving", "chapters",
+STEPS = ["wheels", "reciprocal", "tests", "nf4", "qlora", "latency", "dora", "serving", "activations", "chapters",
          "gpt2_random", "chapter5_bfloat16", "chapter5_float16"]
 # The claims of Chapter 5 that need pretrained weights, skipped by name on the random-weight folder
 PRETRAINED_CLAIMS = ["the loss drops by more than 0.05", "training closes most of the 4-bit base's gap",
@@ -31,7 +31,10 @@ def rehearsal(tmp_path_factory):
 
 
 def read(out: Path, name: str) -> dict:
-    return json.loads((out / name).read_text())
+    """The run's own record, or a benchmark's record from the bundle every step rewrites."""
+    if name == "gpu_check.json":
+        return json.loads((out / name).read_text())
+    return json.loads((out / "gpu_benchmarks.json").read_text())[name]
 
 
 def test_every_step_runs_and_passes(rehearsal):
@@ -60,8 +63,10 @@ def test_the_run_leaves_no_more_files_than_the_device_tool_brings_back(rehearsal
 
 def test_every_results_file_says_where_when_and_with_what(rehearsal):
     _, out = rehearsal
-    for name in ("nf4_throughput_cuda.json", "qlora_memory.json", "lora_latency.json", "dora_overhead.json",
-                 "multi_adapter_throughput.json", "gpu_check.json"):
+    bundled = json.loads((out / "gpu_benchmarks.json").read_text())
+    assert sorted(bundled) == ["activation_memory.json", "dora_overhead.json", "lora_latency.json",
+                               "multi_adapter_throughput.json", "nf4_throughput_cuda.json", "qlora_memory.json"]
+    for name in (*bundled, "gpu_check.json"):
         record = read(out, name)
         for key in ("benchmark", "command", "device", "versions", "date", "results"):
             assert record.get(key), f"{name} lacks {key!r}"
@@ -138,6 +143,54 @@ def test_serving_rehearsal_runs_every_method_and_they_agree(rehearsal):
     assert {r["method"] for r in timed} == {"base", "merge_swap", "gather_bmm", "sgmv", "base_hf", "peft_mixed"}
     assert {r["seq_len"] for r in timed if r["phase"] == "decode"} == {1}  # one token per request
     assert all(r["tokens_per_second"] > 0 for r in timed)
+
+
+def test_activation_rehearsal_counts_trains_and_times_every_remedy(rehearsal):
+    _, out = rehearsal
+    rows = read(out, "activation_memory.json")["results"]
+    counted = [r for r in rows if r["part"] == "counted"]
+    assert counted and all(r["checkpoint_formula_equals_measured"] and r["checkpoint_sqrt_formula_equals_measured"]
+                           for r in counted)
+    assert all(r["bytes"]["meft1"] < r["bytes"]["checkpoint"] < r["bytes"]["lora"] for r in counted)
+    (depth,) = [r for r in rows if r["part"] == "meft_depth"]
+    assert depth["spread"] == 0  # MEFT keeps the same bytes at 4, 8 and 16 blocks
+    trained = {r["technique"]: r for r in rows if r["part"] == "trained"}
+    assert set(trained) == {"plain", "checkpoint", "checkpoint_sqrt", "offload", "checkpoint_offload", "meft1"}
+    assert all(r["tokens_per_second"] > 0 and r["final_loss"] > 0 for r in trained.values())
+    saved = {t: r["saved_activation_bytes"] for t, r in trained.items() if "saved_activation_bytes" in r}
+    assert saved["meft1"] < saved["checkpoint"] < saved["plain"]
+    assert all(r["median_seconds"]["s2_attn"] > 0 for r in rows if r["part"] == "attention")
+
+
+def test_only_runs_the_steps_it_names(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--rehearse", "--only", "wheels"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [r["step"] for r in read(tmp_path, "gpu_check.json")["results"]] == ["wheels"]
+    refused = subprocess.run(["bash", "scripts/gpu_check.sh", "--fast"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "unknown option --fast" in refused.stderr
+
+
+def test_unpacking_puts_each_file_where_the_project_keeps_it(rehearsal, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import unpack_gpu_results
+
+    _, out = rehearsal
+    results, checks = tmp_path / "results", tmp_path / "benchmarks" / "gpu_check"
+    results.mkdir(), checks.mkdir(parents=True)
+    monkeypatch.setattr(unpack_gpu_results, "RESULTS_DIR", results)
+    monkeypatch.setattr(unpack_gpu_results, "ROOT", tmp_path)
+    unpack_gpu_results.main([str(out)])
+    assert sorted(p.name for p in results.iterdir()) == sorted(json.loads((out / "gpu_benchmarks.json").read_text()))
+    assert json.loads((results / "qlora_memory.json").read_text()) == read(out, "qlora_memory.json")
+    assert sorted(p.name for p in checks.iterdir()) == ["gpu_check.json", "gpu_check.log"]
+    unpack_gpu_results.main([str(out), "--part", "2"])  # a split run's second call lands beside the first
+    assert sorted(p.name for p in checks.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check_part2.json",
+                                                        "gpu_check_part2.log"]
+    with pytest.raises(SystemExit, match="gpu_benchmarks.json not found"):
+        unpack_gpu_results.main([str(tmp_path)])
 
 
 def test_the_chapters_step_parses_every_notebook(rehearsal):

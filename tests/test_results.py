@@ -125,3 +125,30 @@ def test_a_gpu_check_record_of_a_run_that_left_nothing(tmp_path):
     record = results.gpu_check_record("full", [], tmp_path)
     assert record["cuda_tests"] == {"report": "missing"} and record["chapters"] == "missing"
     assert set(record["chapter5_gpt2"].values()) == {"missing"}
+
+
+def test_a_bundle_gathers_every_record_and_unbundles_to_the_same_files(tmp_path):
+    folder, out = tmp_path / "records", tmp_path / "unpacked"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps({"benchmark": "a", "results": [1]}))
+    (folder / "b.json").write_text(json.dumps({"benchmark": "b", "results": [2]}))
+    (folder / "half_written.json").write_text('{"benchmark": ')  # a step still writing: left for the next bundle
+    (folder / "notes.txt").write_text("not a record")
+    assert results.bundle(folder, tmp_path / "bundle.json") == ["a.json", "b.json"]
+    written = results.unbundle(tmp_path / "bundle.json", out)
+    assert sorted(p.name for p in written) == ["a.json", "b.json"]
+    assert json.loads((out / "b.json").read_text()) == {"benchmark": "b", "results": [2]}
+
+
+@pytest.mark.parametrize("name", ["../escape.json", "sub/dir.json", "record.txt"])
+def test_unbundle_refuses_names_that_are_not_plain_json_files(tmp_path, name):
+    (tmp_path / "bundle.json").write_text(json.dumps({"fine.json": {}, name: {}}))
+    with pytest.raises(ValueError, match="expected a plain"):
+        results.unbundle(tmp_path / "bundle.json", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape.json").exists()  # not even fine.json
+
+
+def test_unbundle_refuses_what_is_not_a_bundle(tmp_path):
+    (tmp_path / "bundle.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a bundle"):
+        results.unbundle(tmp_path / "bundle.json", tmp_path)

@@ -7,7 +7,9 @@ checkout and on Colab, where the installed package is all there is.
 
 Below that, what the benchmarks share: their options (:func:`benchmark_arguments`), their
 record (:func:`run_record`, :func:`save`), their one way of timing (:func:`interleaved_medians`),
-and the record of the GPU run, ``scripts/gpu_check.sh`` (:func:`gpu_check_record`).
+and the record of the GPU run, ``scripts/gpu_check.sh`` (:func:`gpu_check_record`), whose
+benchmark records travel back as one file (:func:`bundle`, :func:`unbundle`): the device
+machine returns at most 8 files.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["RESULTS_DIR", "benchmark_arguments", "describe_device", "gpu_check_record", "interleaved_medians", "load",
-           "names", "out_path", "run_record", "save"]
+__all__ = ["RESULTS_DIR", "benchmark_arguments", "bundle", "describe_device", "gpu_check_record",
+           "interleaved_medians", "load", "names", "out_path", "run_record", "save", "unbundle"]
 
 RESULTS_DIR = Path(__file__).resolve().parent
 
@@ -81,6 +83,42 @@ def save(record: dict, out: Path | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def bundle(folder: Path | str, out: Path | str) -> list[str]:
+    """Gather every ``*.json`` record in ``folder`` into one JSON file ``out``: {file name: record}.
+
+    The GPU run calls it after every step, so a run cut short still brings back what it
+    measured; a record being written at that moment (not yet valid JSON) waits for the next.
+    Returns the names bundled.
+    """
+    records = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            records[path.name] = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+    Path(out).write_text(json.dumps(records, indent=1) + "\n")
+    return list(records)
+
+
+def unbundle(path: Path | str, into: Path | str = RESULTS_DIR) -> list[Path]:
+    """Write each record of a :func:`bundle` file back into ``into`` under its own name; returns the paths.
+
+    Names are checked: a record's name must be a plain ``*.json`` file name, so a bundle
+    cannot write outside ``into``.
+    """
+    records = json.loads(Path(path).read_text())
+    if not isinstance(records, dict):
+        raise ValueError(f"{path} is not a bundle of records ({{file name: record}})")
+    for name in records:  # every name checked before anything is written
+        if Path(name).name != name or not name.endswith(".json"):
+            raise ValueError(f"{path} holds a record named {name!r}; expected a plain *.json file name")
+    written = []
+    for name, record in records.items():
+        save(record, Path(into) / name)
+        written.append(Path(into) / name)
+    return written
 
 
 def benchmark_arguments(doc: str, quick: str) -> argparse.ArgumentParser:
