@@ -6,8 +6,8 @@ on Milton for 200 steps with lora_edu.train.MILTON_FINE_TUNE's schedule), three 
 - ``meft``: LoRA (rank 8 on every block matrix, 65,536 trained numbers), serial adapters
   (Houlsby's placement, bottleneck 32) and the three MEFT variants (two adapters a layer,
   bottleneck 32: 66,816 numbers each, as many as the serial adapters). Each method's
-  learning rate is chosen on a grid with seed 0; seeds 1 and 2 then repeat the best rate
-  (and any rate within 0.002 of it). Recorded: held-out Milton loss, held-out Shakespeare
+  learning rate is chosen on a grid with seed 0, grown by factors of 3 until its best rate
+  lies inside; seeds 1 and 2 then repeat the best rate (and any rate within 0.002 of it). Recorded: held-out Milton loss, held-out Shakespeare
   loss (forgetting), and for MEFT the held-out loss before training (its starting point).
 - ``long_context``: the model's 128 learned positions interpolated to 512
   (lora_edu.long_context.interpolate_positions), then fine-tuned on Milton windows of
@@ -146,11 +146,20 @@ def main(argv: list[str] | None = None) -> dict:
                                                                   r["seed"]) == (part, method, attention, seeds[0])}
 
     def tune(part: str, method: str, grid: list[float], attention: str | None = None) -> list[float]:
-        for lr in grid[:1] if args.quick else grid:
-            measure(part, method, lr, seeds[0], attention)
-        tried = seed0(part, method, attention)
-        best = min(tried, key=tried.get)
-        return [lr for lr in tried if tried[lr] <= tried[best] + NEAR]
+        """The grid on seed 0, grown by factors of 3 until its best rate lies inside; the rates near the best."""
+        grid = list(grid[:1] if args.quick else grid)
+        while True:
+            for lr in grid:
+                measure(part, method, lr, seeds[0], attention)
+            tried = seed0(part, method, attention)
+            best = min(grid, key=tried.get)
+            if args.quick or len(grid) >= 7 or grid[0] < best < grid[-1]:
+                break
+            if best == grid[0]:
+                grid.insert(0, float(f"{grid[0] / 3:.1g}"))
+            else:
+                grid.append(float(f"{grid[-1] * 3:.1g}"))
+        return [lr for lr in grid if tried[lr] <= tried[best] + NEAR]
 
     for method, grid in MEFT_GRIDS.items():
         for lr in tune("meft", method, grid):

@@ -224,8 +224,11 @@ def test_memory_fine_tunes_runs_every_method_seed_and_attention(tmp_path, memory
     long = [r for r in record["results"] if r["part"] == "long_context"]
     assert {r["method"] for r in meft} == {"lora", "adapters", "meft1", "meft2", "meft3"}
     for method, grid in memory_fine_tunes.MEFT_GRIDS.items():  # the grid on seed 0, then the other seeds
-        assert {r["lr"] for r in meft if r["method"] == method and r["seed"] == 0} == set(grid)
-        assert {r["seed"] for r in meft if r["method"] == method} == {0, 1, 2}
+        tried = {r["lr"]: r["milton_val_loss"] for r in meft if r["method"] == method and r["seed"] == 0}
+        assert set(grid) <= set(tried) and len(tried) <= 7
+        best = min(tried, key=tried.get)
+        assert min(tried) < best < max(tried) or len(tried) == 7  # grown until the best lies inside
+        assert {r["seed"] for r in meft if r["method"] == method and r["lr"] == best} == {0, 1, 2}
     assert all("milton_val_loss_before" in r for r in meft if r["method"].startswith("meft"))
     trained = {r["method"]: r["trainable_parameters"] for r in meft}
     assert trained["lora"] == 65_536 and trained["adapters"] == trained["meft1"] == 66_816  # similar budgets
