@@ -15,12 +15,14 @@ information crosses group borders; at inference the model attends to everything
 (:func:`unfreeze_embeddings_and_norms`), which its paper names "LoRA+" (not Chapter 3's
 LoRA+).
 
-The shift in the authors' non-flash code path (``forward_noflashattn`` in
-``llama_attn_replace.py``) rolls the sequence, so the first half-group wraps round behind
-the last group and attends to tokens from the end of the sequence, its future. Their
-flash-attention path splits at shifted borders instead and has no such leak. Here
-``wrap=True`` reproduces the roll and ``wrap=False`` (the default) gives the shifted heads a
-short first and last group; :func:`future_influence` measures the leak.
+The paper's PyTorch-style pseudocode shifts by rolling the sequence (``roll(-G/2)``), as
+the authors' non-flash code path still does (``forward_noflashattn`` in
+``llama_attn_replace.py``): the first half-group wraps round behind the last group and
+attends to tokens from the end of the sequence, its future. Asked about it, the authors
+first called the wrap intended (issue #15 of their repository), later agreed it can leak
+and rewrote their flash-attention path to split at shifted borders without rolling (issue
+#90). Here ``wrap=True`` reproduces the roll and ``wrap=False`` (the default) gives the
+shifted heads a short first and last group; :func:`future_influence` measures the leak.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def interpolate_positions(model: GPT2, factor: float) -> GPT2:
 
     Row ``p`` of the new table is the old table read at ``p / factor``, linearly between
     its two neighbours (the last row is held beyond the old end). ``factor`` must be at
-    least 1 and make a whole number of positions; 1 leaves the table as it is.
+    least 1 and make a whole number of positions; 1 keeps the table's values. The table is
+    a new parameter (frozen or trainable as the old one was): build the optimizer after.
     """
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a lora_edu GPT2, got {type(model).__name__}")
@@ -56,14 +59,12 @@ def interpolate_positions(model: GPT2, factor: float) -> GPT2:
     if abs(new - old * factor) > 1e-9:
         raise ValueError(f"factor ({factor}) times block_size ({old}) must be a whole number of positions")
     table = model.transformer.wpe.weight
-    where = torch.arange(new, dtype=torch.float64) / factor  # old coordinate of each new position
+    where = torch.arange(new, dtype=torch.float64, device=table.device) / factor  # each new position, in old ones
     below = where.floor().long().clamp(max=old - 1)
     above = (below + 1).clamp(max=old - 1)
     weight = (where - below).clamp(max=1).to(table.dtype).unsqueeze(1)
-    stretched = nn.Embedding(new, table.size(1), device=table.device, dtype=table.dtype)
-    stretched.weight.copy_((1 - weight) * table[below] + weight * table[above])
-    stretched.weight.requires_grad_(table.requires_grad)
-    model.transformer.wpe = stretched
+    values = (1 - weight) * table[below] + weight * table[above]
+    model.transformer.wpe = nn.Embedding.from_pretrained(values, freeze=not table.requires_grad)
     model.config = replace(model.config, block_size=new)
     return model
 
@@ -79,13 +80,17 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     those heads a first and a last group of half the size. One group of the whole
     sequence without shift is ordinary causal attention.
     """
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k and v must share one shape (batch, heads, time, head size), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     B, H, T, D = q.shape
     check_int(group_size, "group_size")
     if T % group_size:
         raise ValueError(f"group_size ({group_size}) must divide the sequence length ({T})")
-    if shift and (H < 2 or group_size < 2):
-        raise ValueError(f"a shift needs at least 2 heads and a group_size of at least 2, got {H} heads "
-                         f"and group_size {group_size}")
+    if shift:
+        _check_shiftable(H, group_size)
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if not shift:
         return _grouped(q, k, v, group_size, dropout_p)
     half, offset = H // 2, group_size // 2
@@ -107,6 +112,13 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat([plain, shifted], dim=1)
 
 
+def _check_shiftable(n_head, group_size) -> None:
+    """Half the heads, shifted by half a group: both must halve evenly."""
+    if n_head < 2 or n_head % 2 or group_size < 2 or group_size % 2:
+        raise ValueError(f"S²-Attn shifts half the heads by half a group: it needs an even number of heads "
+                         f"and an even group_size, got {n_head} heads and group_size {group_size}")
+
+
 def _grouped(q, k, v, group_size, dropout_p, mask=None):
     """Causal attention within consecutive groups of the time axis (or under ``mask``, per group)."""
     B, H, T, D = q.shape
@@ -124,8 +136,14 @@ class S2Attention(nn.Module):
 
     def __init__(self, attn: CausalSelfAttention, group_size: int, wrap: bool = False):
         super().__init__()
+        if not isinstance(attn, (CausalSelfAttention, S2Attention)):
+            raise TypeError(f"attn must be a lora_edu CausalSelfAttention, got {type(attn).__name__}")
+        check_int(group_size, "group_size")
+        _check_shiftable(attn.n_head, group_size)
+        if not isinstance(wrap, bool):
+            raise ValueError(f"wrap must be True (roll, as the authors' code) or False (split), got {wrap!r}")
         self.c_attn, self.c_proj, self.n_head, self.dropout = attn.c_attn, attn.c_proj, attn.n_head, attn.dropout
-        self.group_size, self.wrap = check_int(group_size, "group_size"), bool(wrap)
+        self.group_size, self.wrap = group_size, wrap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -145,20 +163,25 @@ def use_s2_attention(model: GPT2, group_size: int, wrap: bool = False) -> GPT2:
     """Give every block of ``model`` S²-Attn for training (in place); eval attends in full."""
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a lora_edu GPT2, got {type(model).__name__}")
-    check_int(group_size, "group_size")
-    if model.config.n_head < 2 or group_size < 2:
-        raise ValueError(f"S²-Attn shifts half the heads by half a group: it needs n_head >= 2 and group_size "
-                         f">= 2, got n_head {model.config.n_head} and group_size {group_size}")
+    check_int(group_size, "group_size", below=model.config.block_size + 1, below_name="block_size + 1")
     blocks = model.transformer.h
     if not all(isinstance(block.attn, (CausalSelfAttention, S2Attention)) for block in blocks):
         raise TypeError("use_s2_attention knows lora_edu's CausalSelfAttention; the model was left unchanged")
-    for block in blocks:
-        replace_module(block, "attn", S2Attention(block.attn, group_size, wrap))
+    replacements = [S2Attention(block.attn, group_size, wrap) for block in blocks]  # every check before any change
+    for block, attention in zip(blocks, replacements):
+        replace_module(block, "attn", attention)
     return model
 
 
 def unfreeze_embeddings_and_norms(model: GPT2) -> GPT2:
-    """Make the embeddings and every LayerNorm trainable too (LongLoRA's "LoRA+"), in place."""
+    """Make the embeddings and every LayerNorm trainable too (LongLoRA's "LoRA+"), in place.
+
+    Two differences from LongLoRA's Llama: GPT-2 ties its output layer to the token
+    embedding, so training ``wte`` trains the output projection too (Llama's head is a
+    separate matrix, which the recipe leaves frozen); and GPT-2 has a learned position
+    table, ``wpe``, which is trained too, since the stretched positions are what the
+    longer context needs to learn.
+    """
     if not isinstance(model, GPT2):
         raise TypeError(f"model must be a lora_edu GPT2, got {type(model).__name__}")
     for module in (model.transformer.wte, model.transformer.wpe):
@@ -171,18 +194,20 @@ def unfreeze_embeddings_and_norms(model: GPT2) -> GPT2:
 
 
 def future_influence(layer: nn.Module, x: torch.Tensor) -> float:
-    """How much ``layer``'s outputs depend on later positions: max |∂y_t / ∂x_s| over s > t.
+    """How much ``layer``'s outputs depend on later positions: max |∂(r_t · y_t) / ∂x_s| over s > t.
 
-    ``x`` is (B, T, C); ``layer`` maps it to (B, T, C). A causal layer gives exactly 0.
-    One backward pass per position, so keep T small.
+    ``x`` is (B, T, C); ``layer`` maps it to (B, T, C). Each position's output is read
+    through a fixed random direction r_t (seeded), so that no two channels can cancel. A
+    causal layer gives exactly 0. One backward pass per position, so keep T small.
     """
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, time, channels), got shape {tuple(x.shape)}")
     x = x.detach().requires_grad_()
     y = layer(x)
+    directions = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y.device, y.dtype)
     worst = 0.0
     T = x.size(1)
     for t in range(T - 1):
-        (grad,) = torch.autograd.grad(y[:, t].sum(), x, retain_graph=True)
+        (grad,) = torch.autograd.grad((y[:, t] * directions[:, t]).sum(), x, retain_graph=True)
         worst = max(worst, grad[:, t + 1:].abs().max().item())
     return worst

@@ -24,7 +24,10 @@ are (the scales are those of the authors' script, ``scripts/bert_glue.sh``):
 
 A small λ or β lets a layer's output be (nearly) what the pretrained layer would give,
 which the paper argues fine-tuning needs (its "starting point hypothesis"); the price is
-that reconstruction divides by it, so rounding errors grow by about 1/λ (or 1/β) a layer.
+that reconstruction divides by it. F and G hold the residual stream's identity, so an
+error in a layer's outputs comes back at least 1/λ times larger in x1 (MEFT1), or 1/β in
+x2 (MEFT2); with both small (MEFT3) about 1/(λβ), a hundred times, a layer. In float32 a
+few layers are fine and a dozen are not: :func:`reconstruction_errors` measures it.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ from lora_edu.plumbing import check_int, check_seed
 __all__ = ["VARIANTS", "Adapter", "MEFTGPT2", "ReversibleLayer", "add_meft", "reconstruction_errors",
            "reversible_stack"]
 
-# variant: (F, G, λ, β, swap the outputs), as in the authors' code (models/modeling_revbert.py)
+# variant: (F, G, λ, β, swap the outputs): F and G and the swap as in the authors'
+# models/modeling_revbert.py, the scales as their scripts/bert_glue.sh sets them
 VARIANTS: dict[str, tuple[str, str, float, float, bool]] = {
     "meft1": ("layer", "adapter", 0.1, 1.0, True),
     "meft2": ("adapter", "layer", 1.0, 0.1, True),
@@ -54,8 +58,9 @@ VARIANTS: dict[str, tuple[str, str, float, float, bool]] = {
 class Adapter(nn.Module):
     """down (d → r), GELU, dropout, up (r → d), with no residual.
 
-    Both weights start as N(0, 0.02²) and the biases at zero, as in the paper (Figure 4's
-    caption): the adapter's output starts small, not zero.
+    Both weights start as N(0, 0.02²), as the paper's Figure 4 says, and the biases at
+    zero, as the authors' code initialises every linear layer: the adapter's output starts
+    small, not zero.
     """
 
     def __init__(self, d: int, bottleneck: int, dropout: float = 0.0, std: float = 0.02):
@@ -128,16 +133,18 @@ class ReversibleLayer(nn.Module):
 
     def __init__(self, f: nn.Module, g: nn.Module, lam: float, beta: float, swap: bool):
         super().__init__()
-        self.f, self.g, self.lam, self.beta, self.swap = f, g, lam, beta, swap
-        self._states: tuple[_RandomState, _RandomState] | None = None
+        self.f, self.g, self.swap = f, g, bool(swap)
+        self.lam, self.beta = _check_scale(lam, "lam"), _check_scale(beta, "beta")
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor, keep_random_state: bool = False):
-        f_state = _RandomState(x2.device) if keep_random_state else None
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, random_states: list | None = None):
+        """The outputs; given a list ``random_states``, append the random states before F and G to it
+        (for backward to replay their dropout)."""
+        if random_states is not None:
+            random_states.append(_RandomState(x2.device))
         y1 = self.lam * x1 + self.f(x2)
-        g_state = _RandomState(y1.device) if keep_random_state else None
+        if random_states is not None:
+            random_states.append(_RandomState(y1.device))
         y2 = self.beta * x2 + self.g(y1)
-        if keep_random_state:
-            self._states = (f_state, g_state)
         return (y2, y1) if self.swap else (y1, y2)
 
     def inverse(self, out1: torch.Tensor, out2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +153,15 @@ class ReversibleLayer(nn.Module):
         x2 = (y2 - self.g(y1)) / self.beta
         return (y1 - self.f(x2)) / self.lam, x2
 
-    def backward_step(self, out1, out2, d_out1, d_out2):
+    def backward_step(self, out1, out2, d_out1, d_out2, states=(None, None)):
         """Rebuild this layer's inputs from its outputs and carry the gradients through it.
 
-        Returns the inputs, their gradients, and {parameter: gradient} for the trainable
-        parameters of F and G. Only one layer's graph exists at a time.
+        ``states`` are the random states forward kept before F and G (``None``: draw anew).
+        Returns the inputs, their gradients, and (parameter, gradient) pairs for the
+        trainable parameters of F and G. Only one layer's graph exists at a time.
         """
         (y1, y2), (dy1, dy2) = ((out2, out1), (d_out2, d_out1)) if self.swap else ((out1, out2), (d_out1, d_out2))
-        f_state, g_state = self._states if self._states is not None else (None, None)
+        f_state, g_state = states
         # G first: y2 = β·x2 + G(y1) gives x2, and G's share of y1's gradient
         y1 = y1.detach().requires_grad_()
         g_params = [p for p in self.g.parameters() if p.requires_grad]
@@ -191,9 +199,12 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x1, x2, layers, *params):
+        states = []  # on the context, not the layers: a second forward before backward keeps its own
         for layer in layers:  # grad mode is off in here: nothing is saved but what we save
-            x1, x2 = layer(x1, x2, keep_random_state=True)
-        ctx.layers, ctx.params = layers, params
+            layer_states = []
+            x1, x2 = layer(x1, x2, layer_states)
+            states.append(tuple(layer_states))
+        ctx.layers, ctx.params, ctx.random_states = layers, params, states
         # backward must recompute F and G as forward computed them, in the same autocast dtype
         device = x1.device.type
         ctx.autocast = None  # the meta device, which counts shapes, has no autocast
@@ -211,8 +222,8 @@ class _ReversibleFunction(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * len(ctx.params)
         device, dtype, enabled = ctx.autocast or ("cpu", torch.bfloat16, False)
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            for layer in reversed(ctx.layers):
-                out1, out2, d1, d2, layer_grads = layer.backward_step(out1, out2, d1, d2)
+            for layer, states in zip(reversed(ctx.layers), reversed(ctx.random_states)):
+                out1, out2, d1, d2, layer_grads = layer.backward_step(out1, out2, d1, d2, states)
                 for p, grad in layer_grads:
                     if grad is not None:
                         i = position[id(p)]
@@ -274,7 +285,7 @@ def add_meft(model: GPT2, variant: str = "meft1", bottleneck: int = 8, lam: floa
     if unknown:
         raise TypeError(f"add_meft knows lora_edu's gpt2.Block, but block {unknown[0]} is "
                         f"{type(model.transformer.h[unknown[0]]).__name__}; the model was left unchanged")
-    if variant not in VARIANTS:
+    if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
     check_int(bottleneck, "bottleneck")
     check_seed(seed)
@@ -294,7 +305,7 @@ def add_meft(model: GPT2, variant: str = "meft1", bottleneck: int = 8, lam: floa
             layers.append(ReversibleLayer(parts[f_kind], parts[g_kind], lam, beta, swap))
     for p in model.parameters():
         p.requires_grad_(False)
-    return MEFTGPT2(model, variant, layers)
+    return MEFTGPT2(model, variant, layers).train(model.training)  # in the base model's mode
 
 
 def _part(kind: str, block: Block, adapter: Adapter) -> nn.Module:
@@ -321,17 +332,20 @@ def reconstruction_errors(model: MEFTGPT2, idx: torch.Tensor) -> list[float]:
     """
     if not isinstance(model, MEFTGPT2):
         raise TypeError(f"model must be an MEFTGPT2 (from add_meft), got {type(model).__name__}")
+    h = model.base.embed(idx)  # checks idx before anything changes
     was_training = model.training
     model.eval()  # no dropout: the inverse must see the same F and G
-    x1 = x2 = model.base.embed(idx)
-    inputs = []
-    for layer in model.layers:
-        inputs.append((x1, x2))
-        x1, x2 = layer(x1, x2)
-    errors = [0.0] * len(inputs)
-    for i in reversed(range(len(inputs))):
-        x1, x2 = model.layers[i].inverse(x1, x2)
-        true1, true2 = inputs[i]
-        errors[i] = max((x1 - true1).abs().max().item(), (x2 - true2).abs().max().item())
-    model.train(was_training)
+    try:
+        x1 = x2 = h
+        inputs = []
+        for layer in model.layers:
+            inputs.append((x1, x2))
+            x1, x2 = layer(x1, x2)
+        errors = [0.0] * len(inputs)
+        for i in reversed(range(len(inputs))):
+            x1, x2 = model.layers[i].inverse(x1, x2)
+            true1, true2 = inputs[i]
+            errors[i] = max((x1 - true1).abs().max().item(), (x2 - true2).abs().max().item())
+    finally:
+        model.train(was_training)
     return errors

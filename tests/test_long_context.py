@@ -146,12 +146,17 @@ def test_group_sizes_that_do_not_divide_the_context_are_refused():
 def test_use_s2_attention_refuses_bad_options_unchanged():
     model = small_gpt2()
     before = snapshot(model)
-    for group_size, message in ((0, "group_size must be a positive int"), (1, "needs n_head >= 2 and group_size >= 2")):
+    for kwargs, message in (({"group_size": 0}, "group_size must be a positive int"),
+                            ({"group_size": 1}, "an even group_size"),
+                            ({"group_size": 64}, "below block_size"),
+                            ({"group_size": 8, "wrap": "no"}, "wrap must be True")):
         with pytest.raises(ValueError, match=message):
-            use_s2_attention(model, group_size)
+            use_s2_attention(model, **kwargs)
         assert_unchanged(model, before)
     with pytest.raises(TypeError, match="model must be a lora_edu GPT2"):
         use_s2_attention(torch.nn.Linear(2, 2), 8)
+    with pytest.raises(TypeError, match="attn must be a lora_edu CausalSelfAttention"):
+        S2Attention(torch.nn.Linear(2, 2), 8)
 
 
 def test_unfreezing_embeddings_and_norms_touches_nothing_else():
@@ -163,6 +168,40 @@ def test_unfreezing_embeddings_and_norms_touches_nothing_else():
     assert "transformer.wte.weight" in trained and "transformer.wpe.weight" in trained
     assert "transformer.h.0.ln_1.weight" in trained and "transformer.ln_f.bias" in trained
     assert not any("attn" in n or "mlp" in n for n in trained)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: the output layer trains with wte
+
+
+def test_interpolation_runs_where_the_table_lives():
+    with torch.device("meta"):
+        model = small_gpt2()
+    interpolate_positions(model, 2)
+    assert model.transformer.wpe.weight.device.type == "meta" and model.config.block_size == 64
+
+
+def test_interpolation_draws_nothing_from_the_global_generator():
+    model = small_gpt2()
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    interpolate_positions(model, 2)
+    assert torch.equal(torch.rand(1), expected)
+
+
+@pytest.mark.parametrize("heads, group_size", [(3, 8), (4, 7)])
+def test_odd_heads_or_groups_cannot_be_halved_and_are_refused(heads, group_size):
+    q, k, v = qkv(T=56, H=heads)
+    with pytest.raises(ValueError, match="even number of heads and an even group_size"):
+        shifted_sparse_attention(q, k, v, group_size)
+
+
+def test_shifted_sparse_attention_checks_its_tensors():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="q, k and v must share one shape"):
+        shifted_sparse_attention(q, k[:, :2], v, 8)
+    with pytest.raises(ValueError, match="q, k and v must share one shape"):
+        shifted_sparse_attention(q[0], k[0], v[0], 8)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        shifted_sparse_attention(q, k, v, 8, dropout_p=1.0)
 
 
 def test_future_influence_wants_a_sequence():

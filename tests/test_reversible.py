@@ -3,6 +3,7 @@ with a constant number of saved bytes, rebuilds activations within rounding, and
 input leaving the model as it was."""
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -152,11 +153,14 @@ def test_the_base_is_frozen_and_only_the_adapters_train():
     assert all(isinstance(layer, ReversibleLayer) for layer in model.layers)
     assert len(model.adapters()) == 6 and all(isinstance(a, Adapter) for a in model.adapters())
     for adapter in model.adapters():  # the paper's initialisation: N(0, 0.02^2), biases zero
-        weights = torch.cat([adapter.down.weight.flatten(), adapter.up.weight.flatten()])
-        assert abs(weights.std().item() - 0.02) < 0.004 and adapter.up.bias.abs().max() == 0
+        for layer in (adapter.down, adapter.up):
+            assert abs(layer.weight.std().item() - 0.02) < 0.006 and layer.bias.abs().max() == 0
+    base = small_gpt2()
     torch.manual_seed(123)  # the adapters come from seed, not from the global generator
-    again = add_meft(small_gpt2(), "meft1", bottleneck=4)
+    again = add_meft(base, "meft1", bottleneck=4)
     assert torch.equal(again.adapters()[0].down.weight, model.adapters()[0].down.weight)
+    assert not torch.equal(add_meft(small_gpt2(), "meft1", bottleneck=4, seed=1).adapters()[0].down.weight,
+                           model.adapters()[0].down.weight)
 
 
 def test_eval_runs_without_the_reversible_function_and_gives_the_same_logits():
@@ -186,6 +190,7 @@ def test_the_scales_default_to_the_variants():
     ({"variant": "meft4"}, "variant must be one of"),
     ({"bottleneck": 0}, "bottleneck must be a positive int"),
     ({"seed": 1.5}, "seed must be an int"),
+    ({"variant": ["meft1"]}, "variant must be one of"),
 ])
 def test_bad_options_are_refused_and_the_model_is_left_unchanged(kwargs, message):
     model = small_gpt2()
@@ -244,3 +249,51 @@ def test_backward_recomputes_under_the_autocast_of_the_forward_pass():
 
     for plain, rev in zip(grads(False), grads(True)):
         assert (rev - plain).abs().max() <= 2e-2 * plain.abs().max()
+
+
+def test_two_forward_passes_before_one_backward_each_replay_their_own_dropout():
+    model = with_random_adapters(add_meft(small_gpt2(dropout=0.3), "meft3", bottleneck=4))
+    a, b = batch(seed=3)[0], batch(seed=4)[0]
+
+    def grads(reversible):
+        model.train()
+        model.reversible = reversible
+        model.zero_grad()
+        torch.manual_seed(7)
+        (model(a).square().mean() + model(b).square().mean()).backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    for rev, plain in zip(grads(True), grads(False)):
+        torch.testing.assert_close(rev, plain, rtol=1e-9, atol=1e-12)
+
+
+def test_rebuilding_errors_grow_far_faster_than_one_over_lambda_when_both_scales_are_small():
+    """F and G carry the residual identity: MEFT3 (lambda = beta = 0.1) loses about a factor
+    of 100 a layer, so in float32 a dozen layers rebuild nothing useful, while MEFT1 over
+    three layers stays close."""
+    idx = batch()[0]
+    deep = add_meft(small_gpt2(n_layer=12, dtype=torch.float32), "meft3")
+    shallow = add_meft(small_gpt2(n_layer=3, dtype=torch.float32), "meft1")
+    deep_errors, shallow_errors = reconstruction_errors(deep, idx), reconstruction_errors(shallow, idx)
+    assert deep_errors[0] > 1 > 1e-3 > max(shallow_errors)
+    growth = [below / above for below, above in zip(deep_errors[:-1], deep_errors[1:])]
+    assert statistics.median(growth) > 20  # far more than 1 / lambda = 10 a layer
+
+
+def test_reconstruction_errors_refuses_bad_input_and_leaves_the_mode():
+    model = add_meft(small_gpt2(), "meft1").train()
+    with pytest.raises(ValueError, match="idx must have shape"):
+        reconstruction_errors(model, torch.zeros(4, dtype=torch.long))
+    assert model.training
+
+
+def test_a_reversible_layer_refuses_a_scale_it_would_divide_by():
+    model = add_meft(small_gpt2(n_layer=1), "meft1")
+    layer = model.layers[0]
+    with pytest.raises(ValueError, match="beta must be a finite non-zero number"):
+        ReversibleLayer(layer.f, layer.g, 0.1, 0.0, True)
+
+
+def test_the_wrapper_starts_in_the_base_models_mode():
+    assert not add_meft(small_gpt2().eval(), "meft1").training
+    assert add_meft(small_gpt2().train(), "meft1").training
