@@ -111,7 +111,7 @@ chapters           110    300  "$PYTHON" scripts/run_notebooks_as_scripts.py --s
 # and the chapter on it in bfloat16 and in a T4's float16 with a GradScaler (float16 on a CPU, which
 # has no fast float16 matmul, takes about 280 s of the rehearsal's 6 minutes on 2 cores).
 gpt2_random         60    120  "$PYTHON" scripts/save_random_gpt2.py --out "$GPT2_DIR" $SMALL
-chapter5_bfloat16  100    300  chapter5 bfloat16
+chapter5_bfloat16  100    600  chapter5 bfloat16
 chapter5_float16   100    600  chapter5 float16
 TABLE
 
